@@ -1,0 +1,34 @@
+# The two README commands: `make run` (the main job) and `make test` (the whole suite).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP_FLAGS := -q --disable-pip-version-check
+
+.PHONY: run test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -c "import bench, torch, torchvision, ray, fvcore" 
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -c "import bench, torch, torchvision, ray, fvcore, pytest"
+	touch $(VENV)/.installed $@
+
+run: $(VENV)/.installed
+	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep
+
+test: $(VENV)/.installed-dev
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check bench methods tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

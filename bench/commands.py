@@ -1,0 +1,159 @@
+"""Argument parsers of the commands whose work lives in other modules.
+
+Each parser calls one `cli_*` function of its module, imported only when the command runs, so
+`exitbench --help` stays fast. The module raises bench.errors.UsageError for bad input.
+"""
+
+from __future__ import annotations
+
+from bench.cli import command
+
+
+def _overrides(p):
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=0.1")
+
+
+@command
+def _data(sub):
+    p = sub.add_parser("data", help="inspect datasets", description="Inspect datasets and their splits.")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True, parser_class=type(p))
+    q = dsub.add_parser("check", help="split sizes, classes, image shape and where the files were found",
+                        description="Build a dataset's train/val/test splits and print their sizes, the class "
+                                    "count, the image shape and where the files were found.")
+    q.add_argument("dataset", help="dataset name (see `exitbench list`)")
+    q.add_argument("options", nargs="*", metavar="KEY=VALUE", help="dataset options, e.g. root=/data val_size=5000")
+    q.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(args):
+        from bench.data import cli_check
+
+        return cli_check(args)
+
+    q.set_defaults(func=run)
+
+
+@command
+def _flops(sub):
+    p = sub.add_parser("flops", help="per-exit cumulative MACs and parameters of a backbone",
+                       description="Count cumulative multiply-adds (MACs, fvcore convention) and parameters up to "
+                                   "and including each exit, earlier heads included.")
+    p.add_argument("backbone", help="backbone or preset name (see `exitbench list`)")
+    p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="backbone options, e.g. growthRate=8")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: 100 CIFAR-style, 1000 ImageNet)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--counter", choices=["fvcore", "torch"], default="fvcore", help="MAC counter (default fvcore)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(args):
+        from bench.flops import cli_flops
+
+        return cli_flops(args)
+
+    p.set_defaults(func=run)
+
+
+@command
+def _budget(sub):
+    p = sub.add_parser("budget", help="anytime and budgeted evaluation of a saved logits file",
+                       description="Evaluate a logits file (keys val_logits [K,N,C], val_labels [N], test_logits, "
+                                   "test_labels, macs [K]): anytime table, the 39-budget dynamic protocol, summary.")
+    p.add_argument("logits", help="logits .pt file")
+    p.add_argument("--confidence", choices=["max_softmax", "entropy", "margin"], default="max_softmax")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(args):
+        from bench.evaluate import cli_budget
+
+        return cli_budget(args)
+
+    p.set_defaults(func=run)
+
+
+@command
+def _evaluate(sub):
+    p = sub.add_parser("evaluate", help="run a trained checkpoint on val/test and evaluate it",
+                       description="Load a run's checkpoint, collect logits on val and test, and print the anytime "
+                                   "and budgeted tables (as `exitbench budget`).")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    _overrides(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(args):
+        from bench.train import cli_evaluate
+
+        return cli_evaluate(args)
+
+    p.set_defaults(func=run)
+
+
+@command
+def _train(sub):
+    p = sub.add_parser("train", help="run one trial without Ray and write its run folder",
+                       description="Train one trial (config YAML plus dotted overrides) without Ray; writes config, "
+                                   "metrics, checkpoint, logits and the result record to the run folder.")
+    p.add_argument("config", nargs="?", default=None, help="trial YAML (default: built-in defaults)")
+    _overrides(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+    def run(args):
+        from bench.train import cli_train
+
+        return cli_train(args)
+
+    p.set_defaults(func=run)
+
+
+@command
+def _sweep(sub):
+    p = sub.add_parser("sweep", help="run a grid of trials on Ray Tune (default: the bundled sweep)",
+                       description="Expand a sweep YAML into trials and run them on Ray Tune; without a file, run "
+                                   "the bundled default sweep and its report.")
+    p.add_argument("config", nargs="?", default=None, help="sweep YAML (default: the bundled default sweep)")
+    _overrides(p)
+    p.add_argument("--name", default=None, help="sweep name (folder under storage_path)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--resume", action="store_true", help="resume the sweep NAME (unfinished and errored trials)")
+    p.add_argument("--quiet", action="store_true", help="no live trial table")
+
+    def run(args):
+        from bench.tune import cli_sweep
+
+        return cli_sweep(args)
+
+    p.set_defaults(func=run)
+
+
+@command
+def _report(sub):
+    p = sub.add_parser("report", help="tables, leaderboard and figures of a sweep",
+                       description="Aggregate a sweep's results store over seeds into tables (md/csv/tex), a "
+                                   "leaderboard and figures.")
+    p.add_argument("sweep_dir", help="sweep folder (holds the results store)")
+    p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/report)")
+    p.add_argument("--baseline", default="uniform", help="method to compare against (default uniform)")
+    p.add_argument("--metric", default="auc", help="leaderboard metric (default auc: budgeted area under curve)")
+
+    def run(args):
+        from bench.report import cli_report
+
+        return cli_report(args)
+
+    p.set_defaults(func=run)
+
+
+@command
+def _leaderboard(sub):
+    p = sub.add_parser("leaderboard", help="merge several sweeps into one leaderboard",
+                       description="Merge the results stores of several sweeps into one leaderboard.")
+    p.add_argument("sweep_dirs", nargs="+", metavar="DIR", help="sweep folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--metric", default="auc", help="ranking metric (default auc)")
+
+    def run(args):
+        from bench.report import cli_leaderboard
+
+        return cli_leaderboard(args)
+
+    p.set_defaults(func=run)

@@ -1,0 +1,292 @@
+"""Validated configuration: TrialConfig (one training run) and SweepConfig (a grid of them).
+
+Components (dataset, backbone, method) are sections `{name: ..., <params>}`; each component declares
+its own parameter model next to its code, so adding one never touches this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.errors import ConfigError, UsageError
+from bench.registry import BACKBONES, DATASETS, METHODS, Registry, describe_validation_error, load_all
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    nesterov: bool = False
+
+
+class ScheduleConfig(Section):
+    """LR schedule. multistep: x`gamma` at the given fractions of training (MSDNet: 0.5, 0.75).
+    cosine: per-iteration cosine to zero (L2W). Optional linear warm-up over `warmup_epochs`."""
+
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be increasing fractions of training in (0, 1)")
+        return v
+
+
+class EvalConfig(Section):
+    confidence: Literal["max_softmax", "entropy", "margin"] = "max_softmax"
+
+
+def _component(registry: Registry, section: str, value: Any) -> dict[str, Any]:
+    """Validate a `{name, **params}` section against the registry; return it fully defaulted."""
+    load_all()
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{section}: expected a mapping with a 'name' key, got {value!r}")
+    values = dict(value)
+    name = values.pop("name")
+    if not isinstance(name, str) or name not in registry:
+        raise ConfigError(f"{section}.name: unknown {registry.kind} {name!r}; valid: {', '.join(registry.all_names())}")
+    params = registry.params(name, values, where=section)
+    return {"name": name, **params.model_dump(mode="json")}
+
+
+class TrialConfig(Section):
+    """Everything one training run needs. `exitbench config show` prints it fully defaulted."""
+
+    name: str = "trial"
+    data: dict[str, Any] = Field(default_factory=lambda: {"name": "digits"})
+    backbone: dict[str, Any] = Field(default_factory=lambda: {"name": "tiny"})
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "uniform"})
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    amp: bool = False
+    deterministic: bool = False
+    progress: bool = True
+    out_dir: str = "runs/train"
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data(cls, v: Any) -> dict[str, Any]:
+        return _component(DATASETS, "data", v)
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone(cls, v: Any) -> dict[str, Any]:
+        return _component(BACKBONES, "backbone", v)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> dict[str, Any]:
+        return _component(METHODS, "method", v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_components(cls, values: Any) -> Any:
+        # Field defaults skip "before" validators; run them so defaults are fully expanded too.
+        if isinstance(values, dict):
+            for key, default in (("data", "digits"), ("backbone", "tiny"), ("method", "uniform")):
+                values.setdefault(key, {"name": default})
+        return values
+
+    def params(self, section: Literal["data", "backbone", "method"]) -> BaseModel:
+        """The validated parameter model of a component section."""
+        registry = {"data": DATASETS, "backbone": BACKBONES, "method": METHODS}[section]
+        values = dict(getattr(self, section))
+        return registry.params(values.pop("name"), values, where=section)
+
+
+class Resources(Section):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SearchConfig(Section):
+    """Hyper-parameter search on top of the grid: `num_samples` repeats, optional ASHA early stopping."""
+
+    num_samples: int = Field(1, ge=1)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: str = "val_acc_last"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(Section):
+    """A base trial plus grid axes (dotted trial field -> values), seeds as an axis."""
+
+    name: str = "sweep"
+    base: TrialConfig = Field(default_factory=TrialConfig)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent: int | None = Field(None, ge=1)
+    storage_path: str = "runs"
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    report: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("seeds must name at least one seed")
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError("seeds must be distinct non-negative integers")
+        return v
+
+    @model_validator(mode="after")
+    def _axes(self) -> SweepConfig:
+        base = self.base.model_dump(mode="json")
+        for path, values in self.grid.items():
+            if not values:
+                raise ConfigError(f"grid.{path}: empty axis; give at least one value")
+            if path == "seed":
+                raise ConfigError("grid.seed: seeds are an axis of their own; use the top-level 'seeds' list")
+            if not _path_exists(base, path):
+                raise ConfigError(f"grid.{path}: no such trial field (fields: {', '.join(base)})")
+        for trial in self.trials():  # every grid point must be a valid trial, before any work starts
+            del trial
+        return self
+
+    def trials(self) -> list[TrialConfig]:
+        """The Cartesian product of the axes and the seeds, each a validated TrialConfig."""
+        base = self.base.model_dump(mode="json")
+        paths = list(self.grid)
+        out = []
+        for combo in itertools.product(*(self.grid[p] for p in paths)):
+            raw = copy.deepcopy(base)
+            for path, value in zip(paths, combo):
+                _set_path(raw, path, copy.deepcopy(value), replace_section=True)
+            for seed in self.seeds:
+                raw["seed"] = seed
+                out.append(validate_trial(raw, where=f"grid point {dict(zip(paths, combo))}"))
+        return out
+
+
+def _path_exists(tree: dict[str, Any], path: str) -> bool:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            # A component section accepts any of its own parameters; validation checks them.
+            return isinstance(node, dict) and "name" in node
+        node = node[part]
+    return True
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool = False) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if replace_section and isinstance(value, dict) and "name" in value and isinstance(node.get(last), dict):
+        # A whole component given as an axis value (e.g. method: [{name: l2w, epsilon: 0.8}]).
+        node[last] = value
+    elif isinstance(node.get(last), dict) and "name" in node[last] and isinstance(value, str) and last in (
+        "data",
+        "backbone",
+        "method",
+    ):
+        node[last] = {"name": value}  # switching component drops the old component's parameters
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` pairs; values are parsed as YAML scalars/lists (0.5, true, [1, 2], text)."""
+    pairs = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise UsageError(f"override {item!r} is not of the form dotted.key=value (e.g. optim.lr=0.1)")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key, value))
+    return pairs
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for key, value in parse_overrides(overrides):
+        _set_path(raw, key, value)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UsageError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return raw
+
+
+def validate_trial(raw: dict[str, Any], where: str = "") -> TrialConfig:
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        msg = describe_validation_error(err)
+        raise ConfigError(f"{msg} ({where})" if where else msg) from None
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({where})" if where else str(err)) from None
+
+
+def validate_sweep(raw: dict[str, Any]) -> SweepConfig:
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err)) from None
+
+
+def load_trial(path: str | Path | None, overrides: list[str] = ()) -> TrialConfig:
+    raw = read_yaml(path) if path else {}
+    return validate_trial(apply_overrides(raw, list(overrides)))
+
+
+def is_sweep(raw: dict[str, Any]) -> bool:
+    return any(k in raw for k in ("base", "grid", "seeds", "resources", "storage_path"))
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+    return validate_sweep(apply_overrides(read_yaml(path), list(overrides)))
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,84 @@
+"""The strategy interface: how a method turns one batch into optimiser step(s).
+
+A strategy receives the model (the multi-exit contract only), the optimiser and its own parameters;
+`step` performs the update(s) for one batch and returns what was measured. Extra networks,
+optimisers and state belong to the strategy and travel through `state_dict` with the trial's checkpoint.
+The engine owns the LR schedule (stepped once per `step` call) and the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from bench.backbones.contract import MultiExitNet
+
+
+@dataclass
+class StepOutput:
+    loss: float  # the objective that was minimised (summed over updates made in this step)
+    exit_losses: torch.Tensor  # [K] unweighted mean cross-entropy per exit over the samples trained on
+    exit_correct: torch.Tensor  # [K] correct top-1 predictions per exit
+    count: int  # samples trained on
+
+
+class Strategy:
+    """Subclasses implement `step`. `total_steps` is the number of `step` calls in the whole run."""
+
+    def __init__(self, params: BaseModel, model: MultiExitNet, optimizer: torch.optim.Optimizer, *,
+                 total_steps: int, device: torch.device | str = "cpu", amp: bool = False):
+        self.params = params
+        self.model = model
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.device = torch.device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, enabled=self.amp)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, iteration: int) -> StepOutput:
+        raise NotImplementedError
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """zero_grad, backward, step (through the AMP scaler when AMP is on)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def per_exit_ce(logits: list[torch.Tensor], y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """[N, K] per-sample cross-entropy at every exit."""
+    return torch.stack([F.cross_entropy(z, y, reduction="none", label_smoothing=label_smoothing)
+                        for z in logits], dim=1)
+
+
+def measure(logits: list[torch.Tensor], y: torch.Tensor, losses: torch.Tensor, objective: torch.Tensor) -> StepOutput:
+    """StepOutput from one update: `losses` is the [N, K] unweighted CE matrix."""
+    with torch.no_grad():
+        correct = torch.stack([(z.argmax(1) == y).sum() for z in logits]).cpu()
+        return StepOutput(float(objective.detach()), losses.detach().mean(0).cpu(), correct, int(y.numel()))
+
+
+def combine(outputs: list[StepOutput]) -> StepOutput:
+    """Several updates in one step (L2W's two halves): sum objectives, count-weighted exit losses."""
+    n = sum(o.count for o in outputs)
+    return StepOutput(
+        sum(o.loss for o in outputs),
+        sum(o.exit_losses * o.count for o in outputs) / n,
+        sum(o.exit_correct for o in outputs),
+        n,
+    )
