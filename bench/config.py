@@ -113,7 +113,9 @@ class TrialConfig(Section):
         # Field defaults skip "before" validators; run them so defaults are fully expanded too.
         if isinstance(values, dict):
             for key, default in (("data", "digits"), ("backbone", "tiny"), ("method", "uniform")):
-                values.setdefault(key, {"name": default})
+                section = values.setdefault(key, {"name": default})
+                if isinstance(section, dict) and "name" not in section:  # options for the default component
+                    values[key] = {"name": default, **section}
         return values
 
     def params(self, section: Literal["data", "backbone", "method"]) -> BaseModel:
@@ -191,13 +193,18 @@ class SweepConfig(Section):
 
 
 def _path_exists(tree: dict[str, Any], path: str) -> bool:
+    parts = path.split(".")
+    if parts[0] in _COMPONENTS and len(parts) == 2:
+        return True  # a component accepts its own parameters; validating each grid point checks them
     node: Any = tree
-    for part in path.split("."):
+    for part in parts:
         if not isinstance(node, dict) or part not in node:
-            # A component section accepts any of its own parameters; validation checks them.
-            return isinstance(node, dict) and "name" in node
+            return False
         node = node[part]
     return True
+
+
+_COMPONENTS = ("data", "backbone", "method")
 
 
 def _set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool = False) -> None:
@@ -211,11 +218,7 @@ def _set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool
     if replace_section and isinstance(value, dict) and "name" in value and isinstance(node.get(last), dict):
         # A whole component given as an axis value (e.g. method: [{name: l2w, epsilon: 0.8}]).
         node[last] = value
-    elif isinstance(node.get(last), dict) and "name" in node[last] and isinstance(value, str) and last in (
-        "data",
-        "backbone",
-        "method",
-    ):
+    elif len(parts) == 1 and last in _COMPONENTS and isinstance(value, str):
         node[last] = {"name": value}  # switching component drops the old component's parameters
     else:
         node[last] = value

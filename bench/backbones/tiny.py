@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pydantic import Field
+from torch import nn
 
 from bench.backbones.contract import MultiExitNet
 from bench.registry import BACKBONES, Params
-from torch import nn
 
 
 class TinyParams(Params):
