@@ -1,0 +1,345 @@
+"""The trial loop: config -> data -> backbone -> strategy -> epochs -> evaluation -> one ResultRecord.
+
+`run(cfg, run_dir)` is the whole trial. It runs standalone (`exitbench train`) and inside a Ray Tune
+trial (bench.tune passes `on_epoch` to report metrics and checkpoints). A run folder holds:
+
+    config.yaml     the validated, fully defaulted TrialConfig
+    checkpoint.pt   model, optimiser, scheduler, strategy state, RNG states, epoch (written atomically)
+    metrics.jsonl   one line of metrics per finished epoch
+    logits.pt       per-exit logits on the calibration and test splits (see bench.evaluate)
+    result.json     the ResultRecord (bench.results)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import backbones
+from bench import data as data_mod
+from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, to_yaml, validate_trial
+from bench.errors import UsageError
+from bench.registry import METHODS
+from bench.results import ResultRecord, atomic_write_bytes, atomic_write_text
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and iteration."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_factor(cfg: ScheduleConfig, iteration: int, total: int, steps_per_epoch: int) -> float:
+    """LR multiplier at `iteration` (0-based) of `total`: optional linear warm-up, then the schedule.
+
+    multistep drops at whole epochs (MSDNet: x0.1 at 50 % and 75 % of the epochs); cosine is
+    per-iteration, 0.5 * (1 + cos(pi * t / T)), as L2W-DEN's adjust_learning_rate.
+    """
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * iteration / total))
+    epochs = total // steps_per_epoch
+    epoch = iteration // steps_per_epoch
+    drops = sum(epoch >= int(m * epochs) for m in cfg.milestones)
+    return cfg.gamma**drops
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("exitbench", "torch", "torchvision", "fvcore", "ray", "numpy", "pandas"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "gauss": gauss},
+        "torch": torch.get_rng_state(),
+        "loader": loader_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder or its {CHECKPOINT})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say what it is, not a traceback
+        raise UsageError(f"cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def exit_accuracy(model: torch.nn.Module, loader, device: torch.device) -> list[float]:
+    """Top-1 accuracy (%) of every exit on a loader (eval mode; restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    correct, total = None, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        hits = torch.stack([(z.argmax(1) == y).sum() for z in model(x)])
+        correct = hits if correct is None else correct + hits
+        total += y.numel()
+    model.train(was_training)
+    return [100.0 * float(c) / max(total, 1) for c in correct]
+
+
+EpochCallback = Callable[[dict[str, Any], Path], None]
+
+
+def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochCallback | None = None,
+        resume: bool = True, trial_id: str | None = None, sweep: str | None = None) -> ResultRecord:
+    """Train and evaluate one trial; returns (and writes) its ResultRecord.
+
+    With `resume`, an existing checkpoint in `run_dir` is continued exactly. `on_epoch(metrics,
+    run_dir)` is called after each epoch's checkpoint is on disk (Ray Tune reports from there).
+    """
+    started = time.time()
+    run_dir = Path(run_dir or cfg.out_dir)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
+    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
+
+    from bench.flops import per_exit_cost
+
+    cost = per_exit_cost(model, bundle.image_size, bundle.in_channels)
+    macs = [e.macs for e in cost.exits]
+
+    steps_per_epoch = len(bundle.train)
+    if steps_per_epoch == 0:
+        raise UsageError(f"the training split has {bundle.info.get('train_size')} samples: fewer than one batch")
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg.schedule, min(it, total_steps - 1), total_steps, steps_per_epoch))
+    method = dict(cfg.method)
+    strategy = METHODS.build(method.pop("name"), method, model=model, optimizer=optimizer,
+                             total_steps=total_steps, device=device, amp=cfg.amp)
+    loader_generator = bundle.train.generator
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    history: list[dict[str, Any]] = []
+    start_epoch, train_time, train_images = 0, 0.0, 0
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        strategy.load_state_dict(state["strategy"])
+        _set_rng_state(state["rng"], loader_generator)
+        start_epoch, history = state["epoch"], list(state["history"])
+        train_time, train_images = state["train_time"], state["train_images"]
+
+    metrics_lines = [json.dumps(h) for h in history]
+    K = model.num_exits
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        t0 = time.time()
+        loss_sum, exit_loss_sum, exit_correct, seen = 0.0, torch.zeros(K), torch.zeros(K), 0
+        batches = bundle.train
+        if cfg.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = strategy.step(x, y, epoch * steps_per_epoch + i)
+            if not math.isfinite(out.loss) or not torch.isfinite(out.exit_losses).all():
+                raise TrainingDiverged(f"loss is {out.loss} at epoch {epoch + 1}, iteration {i + 1} "
+                                       f"(global step {epoch * steps_per_epoch + i + 1})")
+            scheduler.step()
+            loss_sum += out.loss * out.count
+            exit_loss_sum += out.exit_losses * out.count
+            exit_correct += out.exit_correct
+            seen += out.count
+        epoch_time = time.time() - t0
+        train_time += epoch_time
+        train_images += seen
+        val_acc = exit_accuracy(model, bundle.val, device)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": epoch_lr,
+            "loss": loss_sum / seen,
+            "time_s": epoch_time,
+            "images_per_s": seen / epoch_time if epoch_time > 0 else 0.0,
+            **{f"train_loss_{k + 1}": float(exit_loss_sum[k] / seen) for k in range(K)},
+            **{f"train_acc_{k + 1}": 100.0 * float(exit_correct[k] / seen) for k in range(K)},
+            **{f"val_acc_{k + 1}": val_acc[k] for k in range(K)},
+            "val_acc_last": val_acc[-1],
+        }
+        history.append(row)
+        metrics_lines.append(json.dumps(row))
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "strategy": strategy.state_dict(),
+            "rng": _rng_state(loader_generator), "history": history, "train_time": train_time,
+            "train_images": train_images, "config": cfg.model_dump(mode="json"),
+        })
+        atomic_write_text(run_dir / "metrics.jsonl", "\n".join(metrics_lines) + "\n")
+        if on_epoch is not None:
+            on_epoch(row, run_dir)
+
+    from bench import evaluate
+
+    val_logits, val_labels = evaluate.collect_logits(model, bundle.calib, device)
+    test_logits, test_labels = evaluate.collect_logits(model, bundle.test, device)
+    evaluate.save_logits(run_dir / "logits.pt", val_logits, val_labels, test_logits, test_labels, macs)
+    report = evaluate.evaluate_logits(
+        {"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
+         "test_labels": test_labels, "macs": torch.tensor(macs, dtype=torch.float64)},
+        confidence=cfg.eval.confidence)
+    exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
+    record = ResultRecord(
+        trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
+        seed=cfg.seed, versions=package_versions(), git_commit=git_commit(),
+        wall_time_s=time.time() - started, train_images_per_s=train_images / train_time if train_time else 0.0,
+        counter=cost.counter, calibration=bundle.calibration, epochs=history, exits=exits,
+        budgets=report["budgets"], summary=report["summary"],
+    )
+    atomic_write_text(run_dir / "result.json", record.model_dump_json(indent=1))
+    return record
+
+
+def cli_train(args) -> int:
+    cfg = load_trial(args.config, args.overrides)
+    run_dir = Path(cfg.out_dir)
+    if (run_dir / CHECKPOINT).exists() and not args.resume:
+        raise UsageError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
+                         f"or choose another out_dir=...")
+    if args.resume and not (run_dir / CHECKPOINT).exists():
+        raise UsageError(f"--resume: no checkpoint in {str(run_dir)!r} to continue")
+    try:
+        record = run(cfg, run_dir, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"exitbench: training diverged: {err}", flush=True)
+        return 1
+    last = record.exits[-1]
+    print(f"run folder: {run_dir}")
+    print(f"last exit: top-1 {last['top1']:.2f} %  MACs {last['macs'] / 1e6:.3f} M  ({record.counter})")
+    s = record.summary
+    if "auc" in s:
+        print(f"budgeted: AUC {s['auc']:.4f}  best {s.get('best_acc', float('nan')):.2f} %")
+    print(f"wall time {record.wall_time_s:.1f} s, {record.train_images_per_s:.0f} train images/s")
+    return 0
+
+
+def cli_evaluate(args) -> int:
+    """Evaluate a checkpoint (file or run folder): rebuild data and model from its config, then evaluate."""
+    state = load_checkpoint(args.checkpoint)
+    raw = state.get("config")
+    if raw is None:
+        raise UsageError(f"{args.checkpoint!r} holds no exitbench config; is it a checkpoint written by exitbench?")
+    from bench.config import apply_overrides
+
+    cfg = validate_trial(apply_overrides(raw, args.overrides))
+    device = resolve_device(cfg.device)
+    bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
+    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UsageError(f"checkpoint does not fit the configured backbone: {str(err).splitlines()[0]}") from None
+    from bench import evaluate
+    from bench.flops import per_exit_cost
+
+    macs = [e.macs for e in per_exit_cost(model, bundle.image_size, bundle.in_channels).exits]
+    val_logits, val_labels = evaluate.collect_logits(model, bundle.calib, device)
+    test_logits, test_labels = evaluate.collect_logits(model, bundle.test, device)
+    report = evaluate.evaluate_logits(
+        {"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
+         "test_labels": test_labels, "macs": torch.tensor(macs, dtype=torch.float64)},
+        confidence=cfg.eval.confidence)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(evaluate.format_report(report))
+    return 0
