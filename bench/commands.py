@@ -132,8 +132,11 @@ def _report(sub):
                                    "leaderboard and figures.")
     p.add_argument("sweep_dir", help="sweep folder (holds the results store)")
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/report)")
-    p.add_argument("--baseline", default="uniform", help="method to compare against (default uniform)")
+    p.add_argument("--baseline", default=None,
+                   help="method to compare against (default uniform, skipped with a note if absent)")
     p.add_argument("--metric", default="auc", help="leaderboard metric (default auc: budgeted area under curve)")
+    p.add_argument("--speedup-acc", type=float, default=None, metavar="ACC",
+                   help="top-1 (%%) at which to compare MACs (default: the baseline's best budgeted accuracy)")
 
     def run(args):
         from bench.report import cli_report
