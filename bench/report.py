@@ -122,9 +122,9 @@ def t_quantile(n: int) -> float:
     """The 97.5 % quantile of Student's t with n - 1 degrees of freedom (NaN for n < 2)."""
     if n < 2:
         return math.nan
-    from scipy.stats import t
+    from scipy.special import stdtrit  # inverse t CDF; scipy.stats would add a second of import time
 
-    return float(t.ppf(0.975, n - 1))
+    return float(stdtrit(n - 1, 0.975))
 
 
 def summarise(values) -> dict[str, float]:
@@ -228,6 +228,7 @@ def aggregate(runs: pd.DataFrame, metrics: pd.DataFrame, exits: pd.DataFrame) ->
         done = g[g["status"] == "finished"]
         row = dict(zip(KEYS, key))
         row.update(label=g["label"].iloc[0], seeds=len(done), failed=int((g["status"] != "finished").sum()),
+                   repeated=len(done) - done["seed"].nunique(),
                    calibration=",".join(sorted(set(g["calibration"].astype(str)))),
                    counter=",".join(sorted(set(done["counter"].dropna().astype(str)))),
                    last_macs=float(done["last_macs"].median()) if len(done) else math.nan)
@@ -351,9 +352,10 @@ def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.D
                             & (runs["status"] == "finished"), "trial_id"]
         unit, scale = macs_scale(g["last_macs"].max())
         counter = ", ".join(sorted({c for cs in g["counter"] for c in cs.split(",") if c})) or "counter unknown"
+        last = g["last_macs"].max()
         out += [f"## {dataset} · {backbone}", "",
-                f"Last exit: {g['last_macs'].max() / scale:.3g} {unit} MACs ({counter}).", "",
-                md_table(MAIN_HEADER, main_rows(g)), ""]
+                f"Last exit: {last / scale:.3g} {unit} MACs ({counter})." if np.isfinite(last)
+                else "No finished trial.", "", md_table(MAIN_HEADER, main_rows(g)), ""]
         macs = exit_macs(exits, done_ids)
         if macs:
             ks = sorted(macs)
@@ -372,9 +374,7 @@ def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.D
                          [[r["trial_id"], r["dataset"], r["backbone"], r["label"], str(r["seed"]),
                            first_line(r["error"])] for _, r in failed.sort_values("trial_id").iterrows()],
                          text_columns=6), ""]
-    if (agg["calibration"] != "heldout").any():
-        out += [calibration_footnote(agg), ""]
-    return "\n".join(out)
+    return "\n".join(out + footnotes(agg))
 
 
 def comparison_markdown(comp, dataset, backbone, baseline, note, speedup_acc) -> list[str]:
@@ -459,9 +459,18 @@ def leaderboard_markdown(agg: pd.DataFrame, metric: str, title: str) -> str:
         out += [f"## {dataset} · {backbone}", "",
                 md_table(["rank", "method", METRICS[metric], "95 % CI", "seeds", *others,
                           *(["sweeps"] if "sources" in g else [])], rows), ""]
+    return "\n".join(out + footnotes(agg))
+
+
+def footnotes(agg: pd.DataFrame) -> list[str]:
+    notes = []
     if (agg["calibration"] != "heldout").any():
-        out += [calibration_footnote(agg), ""]
-    return "\n".join(out)
+        notes += [calibration_footnote(agg), ""]
+    repeated = agg[agg["repeated"] > 0]
+    if len(repeated):
+        notes += [f"Note: repeated seeds in {', '.join(repeated['label'])}: several finished trials share a seed "
+                  "(repeated samples or merged sweeps); each trial counts as one sample in the statistics.", ""]
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -163,12 +163,16 @@ def test_markdown_tex_leaderboard_and_figures(built):
 def test_default_baseline_absent_is_a_note(tmp_path, run_cli, monkeypatch):
     for s in range(2):
         write(l2w(s), tmp_path)
+    write(l2w(1).model_copy(update={"trial_id": "l2w-repeat"}), tmp_path)
+    write(record("d0", "distill", 0, None, None, status="failed", error=None), tmp_path)
     monkeypatch.setattr(report, "figures", lambda *a, **k: [])  # drawn in the fixture already; saves seconds
     code, out, err = run_cli("report", tmp_path, "--metric", "best_acc")
     assert code == 0, err
     md = (tmp_path / "report" / "table.md").read_text()
     assert "The default baseline 'uniform' is not in this sweep" in md
     assert "Ranked by best" in (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "| distill | 0 (+1 failed) | — |" in md and "(no error recorded)" in md  # all seeds failed: still listed
+    assert "Note: repeated seeds in l2w: several finished trials share a seed" in md
 
 
 def test_leaderboard_merges_sweeps(sweep, tmp_path, run_cli):
