@@ -127,7 +127,7 @@ def t_quantile(n: int) -> float:
     return float(stdtrit(n - 1, 0.975))
 
 
-def summarise(values) -> dict[str, float]:
+def seed_stats(values) -> dict[str, float]:
     """mean, sample std, n and the 95 % t-interval half-width of the finite values."""
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
@@ -139,7 +139,7 @@ def summarise(values) -> dict[str, float]:
 
 def t_band(values) -> tuple[float, float]:
     """seaborn errorbar callable: the 95 % t-interval of the mean."""
-    s = summarise(values)
+    s = seed_stats(values)
     return s["mean"] - s["ci"], s["mean"] + s["ci"]
 
 
@@ -233,7 +233,7 @@ def aggregate(runs: pd.DataFrame, metrics: pd.DataFrame, exits: pd.DataFrame) ->
                    counter=",".join(sorted(set(done["counter"].dropna().astype(str)))),
                    last_macs=float(done["last_macs"].median()) if len(done) else math.nan)
         for m in [*METRICS, *exit_cols]:
-            for stat, value in summarise(done[m]).items():
+            for stat, value in seed_stats(done[m]).items():
                 row[f"{m}_{stat}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
@@ -280,9 +280,9 @@ def compare(runs: pd.DataFrame, metrics: pd.DataFrame, curves: dict[str, Curve],
             targets.append(target)
             ratios.append(bc.macs_to_reach(target) / mc.macs_to_reach(target))
         for m, values in diffs.items():
-            for stat, value in summarise(values).items():
+            for stat, value in seed_stats(values).items():
                 row[f"d_{m}_{stat}"] = value
-        logs = summarise(np.log(ratios))
+        logs = seed_stats(np.log(ratios))
         row.update(speedup=math.exp(logs["mean"]) if logs["n"] else math.nan,
                    speedup_lo=math.exp(logs["mean"] - logs["ci"]), speedup_hi=math.exp(logs["mean"] + logs["ci"]),
                    speedup_n=logs["n"], speedup_target=float(np.mean(targets)))
@@ -411,11 +411,11 @@ def first_line(error) -> str:
 
 
 def calibration_footnote(agg: pd.DataFrame) -> str:
-    why = {"test": "the test split itself, so the budgeted numbers are optimistic",
-           "train": "training images the model has fitted, so its confidences are over-estimated"}
+    why = {"test": "the test split itself (budgeted numbers are optimistic)",
+           "train": "training images the model has fitted (its confidences are over-estimated)"}
     splits = sorted({s for c in agg["calibration"] for s in c.split(",") if s != "heldout"})
-    return f"{DAGGER} exit thresholds calibrated on " + "; on ".join(why.get(s, f"the {s} split") for s in splits) \
-        + " (not on a held-out split): not comparable with held-out results."
+    return (f"{DAGGER} exit thresholds calibrated not on a held-out split but on "
+            + "; or on ".join(why.get(s, f"the {s} split") for s in splits) + ": not comparable with held-out results.")
 
 
 def tex_escape(text: str) -> str:
