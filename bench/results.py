@@ -88,6 +88,7 @@ def to_tables(record: ResultRecord) -> dict[str, pd.DataFrame]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are meant to be shared and committed
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -106,6 +107,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
