@@ -8,7 +8,7 @@ The engine owns the LR schedule (stepped once per `step` call) and the data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,10 +20,11 @@ from bench.backbones.contract import MultiExitNet
 
 @dataclass
 class StepOutput:
-    loss: float  # the objective that was minimised (summed over updates made in this step)
+    loss: float  # the objective that was minimised (count-weighted mean over the updates made in this step)
     exit_losses: torch.Tensor  # [K] unweighted mean cross-entropy per exit over the samples trained on
     exit_correct: torch.Tensor  # [K] correct top-1 predictions per exit
     count: int  # samples trained on
+    extras: dict[str, float] = field(default_factory=dict)  # method-specific diagnostics (e.g. L2W's meta loss)
 
 
 class Strategy:
@@ -74,11 +75,16 @@ def measure(logits: list[torch.Tensor], y: torch.Tensor, losses: torch.Tensor, o
 
 
 def combine(outputs: list[StepOutput]) -> StepOutput:
-    """Several updates in one step (L2W's two halves): sum objectives, count-weighted exit losses."""
+    """Several updates in one step (L2W's two halves): count-weighted objective and exit losses, summed
+    correct counts. A mean, not a sum, keeps `loss` comparable with one-update strategies."""
     n = sum(o.count for o in outputs)
+    keys = {k for o in outputs for k in o.extras}
+    extras = {k: sum(o.extras[k] for o in outputs if k in o.extras) / sum(k in o.extras for o in outputs)
+              for k in sorted(keys)}
     return StepOutput(
-        sum(o.loss for o in outputs),
+        sum(o.loss * o.count for o in outputs) / n,
         sum(o.exit_losses * o.count for o in outputs) / n,
         sum(o.exit_correct for o in outputs),
         n,
+        extras,
     )

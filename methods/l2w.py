@@ -1,0 +1,328 @@
+"""`l2w`: learning to weight samples (L2W-DEN, Han et al. ECCV 2022), as LeapLabTHU/L2W-DEN's `train()`.
+
+Each iteration splits the batch in two halves (A, B) and runs the algorithm twice with the roles swapped:
+A trains and B is meta data, then B trains and A is meta data; two backbone steps per iteration. One half:
+
+1. Weights. A weight prediction network (WPN: K -> hidden -> K MLP, ReLU, tanh output) reads each training
+   sample's detached per-exit losses (or max-softmax confidences, or both) and outputs t [n, K];
+   w = 1 + eps * (t - mean t), the mean per exit over the batch (`row`), per sample over the exits (`col`)
+   or over the whole matrix (`mat`). The training objective is sum_k mean_i w_ik * L_ik.
+2. Meta step (every `meta_interval` iterations, at iteration % interval == 0):
+   pseudo update  theta_hat = theta - lr * step(g), g = grad_theta sum_k mean_i w_ik L_ik, with the real
+   SGD's current lr, momentum buffer, dampening, nesterov and weight decay (L2W-DEN's MetaSGD, which is
+   torch SGD's update: d = g + wd*theta; b = mu*buf + (1-dampening)*d, or b = d before the buffer exists;
+   step = d + mu*b with nesterov, else b). theta_hat depends on the WPN parameters phi through w.
+   Meta loss on the meta half at theta_hat (`exit_aware`): target exit proportions q_k ~ q^k,
+   q = target_p / 20; for k < K in order the floor(n * q_k) most confident (max softmax at exit k) samples
+   not yet allocated go to exit k, the last exit takes the rest; L_meta = sum_k mean CE over exit k's
+   samples (an empty group adds 0). `uniform` puts every meta sample at every exit (Meta-Weight-Net style).
+   One Adam step of the WPN (lr 1e-4, weight decay 1e-4, per-iteration cosine over the run).
+3. Real step: w from the just-updated WPN (no grad), one SGD step of the backbone on the weighted loss.
+
+Differences from the reference, none of which changes a number:
+- The pseudo update is functional (torch.func.functional_call on the model itself, no copy of the network),
+  and the real forward of the training half serves the pseudo step too (same theta, same batch, train-mode
+  BatchNorm uses batch statistics in both). BatchNorm running statistics therefore move exactly once per
+  real forward, as in the reference, whose pseudo forward ran on a throw-away copy. The meta forward (and
+  the extra forwards of `jvp`/`finite_difference`) run in train mode with running-stat tracking switched
+  off, so they use batch statistics and touch no buffer.
+- Ties in the exit allocation are broken by sample order (stable sort); the reference's unstable sort
+  leaves their order unspecified.
+- `iteration` is the engine's global step index; the reference's `i` restarts every epoch, so with
+  meta_interval > 1 the meta steps fall on different iterations when an epoch is not a multiple of it.
+- An odd batch is split as the reference's `chunk(2)` splits it (ceil(n/2) trains first).
+
+The WPN gradient, `meta_grad`. Since g is linear in w, dL_meta/dw_ik = -(1/n) <a * v, grad_theta L_ik>
+with v = grad_theta_hat L_meta and a = lr * c per parameter (c = d step / d g: 1, 1 - dampening once a
+momentum buffer exists, times (1 + mu * .) with nesterov; momentum and weight-decay terms do not depend on
+w). The chain rule to phi then runs through the normalisation and the WPN by ordinary backprop.
+- `exact` (default): reverse over reverse through the differentiable pseudo step, as the reference does.
+- `jvp`: the same numbers from one forward-mode pass (torch.func.jvp) of the per-sample losses of the
+  training half along a * v.
+- `finite_difference`: the directional derivative from two extra forwards at theta +- r * a * v,
+  r = fd_radius / ||a * v|| (DARTS-style). An approximation: O(r^2) error plus float round-off.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.func import functional_call
+
+from bench.errors import ConfigError, UsageError
+from bench.registry import METHODS, Params
+from methods.base import StepOutput, Strategy, combine, measure, per_exit_ce
+
+
+class L2WParams(Params):
+    """Defaults: the L2W-DEN CIFAR setting (eps 0.8, col, meta_interval 1). Preset `l2w-imagenet`."""
+
+    epsilon: float = Field(0.8, ge=0, description="weight perturbation size: w = 1 + eps * (tanh - mean)")
+    normalize: Literal["row", "col", "mat"] = Field(
+        "col", description="mean removed per exit over the batch (row), per sample (col) or overall (mat)")
+    target_p: int = Field(15, ge=1, le=39, description="meta target exit proportions ~ q^k, q = target_p / 20")
+    meta_interval: int = Field(1, ge=1, description="meta step at iterations where iteration % interval == 0")
+    wpn_input: Literal["loss", "conf", "both"] = Field("loss", description="WPN input per sample (detached)")
+    wpn_hidden: int = Field(500, ge=1, description="WPN hidden width")
+    wpn_layers: int = Field(1, ge=1, description="WPN hidden layers")
+    meta_lr: float = Field(1e-4, gt=0, description="WPN Adam learning rate (cosine over the run)")
+    meta_weight_decay: float = Field(1e-4, ge=0, description="WPN Adam weight decay (coupled L2)")
+    meta_objective: Literal["exit_aware", "uniform"] = "exit_aware"
+    meta_grad: Literal["exact", "jvp", "finite_difference"] = Field(
+        "exact", description="how the WPN gradient is computed (finite_difference is approximate)")
+    fd_radius: float = Field(0.01, gt=0, description="finite_difference: norm of the parameter perturbation")
+
+
+class WeightPredictor(nn.Module):
+    """L2W-DEN's MLP_tanh: Linear -> ReLU (x layers) -> Linear -> tanh, PyTorch default init."""
+
+    def __init__(self, in_features: int, num_exits: int, hidden: int = 500, layers: int = 1):
+        super().__init__()
+        dims = [in_features] + [hidden] * layers
+        body: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            body += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*body, nn.Linear(hidden, num_exits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x))
+
+
+def target_probs(num_exits: int, target_p: int) -> torch.Tensor:
+    """q_k ~ q^k, k = 1..K, q = target_p / 20, normalised; float32 as the reference's calc_target_probs."""
+    q = torch.tensor(target_p / 20, dtype=torch.float32)
+    probs = torch.exp(torch.log(q) * torch.arange(1, num_exits + 1))
+    return probs / probs.sum()
+
+
+def allocate_exits(confidence: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Exit index per sample from the [n, K] confidences: for k < K in order the floor(n * q_k) most
+    confident samples not yet allocated go to exit k, the last exit takes the rest. Ties: sample order."""
+    n, K = confidence.shape
+    counts = torch.floor(n * probs.float()).long().tolist()  # float32 product, as math.floor(n * tensor)
+    exit_of = torch.full((n,), K - 1, dtype=torch.long, device=confidence.device)
+    free = torch.ones(n, dtype=torch.bool, device=confidence.device)
+    for k in range(K - 1):
+        if counts[k] == 0:
+            continue
+        order = torch.argsort(confidence[:, k], descending=True, stable=True)
+        chosen = order[free[order]][: counts[k]]
+        exit_of[chosen] = k
+        free[chosen] = False
+    return exit_of
+
+
+@contextmanager
+def running_stats_frozen(model: nn.Module):
+    """BatchNorm in train mode without touching running_mean/var/num_batches_tracked (batch statistics)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+@dataclass
+class _SGDTerm:
+    """One parameter with the SGD settings of its group and its momentum buffer (if any)."""
+
+    name: str
+    param: nn.Parameter
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    buffer: torch.Tensor | None
+
+    def pseudo_step(self, grad: torch.Tensor) -> torch.Tensor:
+        """theta - lr * step(grad): torch SGD's update, differentiable in `grad`."""
+        theta = self.param.detach()
+        d = grad + self.weight_decay * theta if self.weight_decay else grad
+        b = self.buffer * self.momentum + (1 - self.dampening) * d if self.buffer is not None else d
+        step = d + self.momentum * b if self.nesterov else b
+        return theta - self.lr * step
+
+    def grad_scale(self) -> float:
+        """d theta_hat / d grad = -lr * c."""
+        c = (1 - self.dampening) if self.buffer is not None else 1.0
+        return self.lr * ((1 + self.momentum * c) if self.nesterov else c)
+
+
+@METHODS.register("l2w", L2WParams)
+class L2W(Strategy):
+    """Meta-learned per-sample, per-exit loss weights (L2W-DEN) with a functional pseudo update."""
+
+    def __init__(self, params: L2WParams, model, optimizer, **kw):
+        super().__init__(params, model, optimizer, **kw)
+        if self.amp:
+            raise ConfigError("method l2w: amp is not supported (the meta step differentiates through an SGD "
+                              "step); set amp: false")
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise ConfigError(f"method l2w: the pseudo update mirrors SGD, got optimizer "
+                              f"{type(optimizer).__name__}; use optim.name: sgd")
+        K = model.num_exits
+        ref = next(model.parameters())
+        self.wpn = WeightPredictor(2 * K if params.wpn_input == "both" else K, K, params.wpn_hidden,
+                                   params.wpn_layers).to(device=ref.device, dtype=ref.dtype)
+        self.wpn_optimizer = torch.optim.Adam(self.wpn.parameters(), lr=params.meta_lr,
+                                              weight_decay=params.meta_weight_decay)
+        total = max(1, self.total_steps)
+        self.wpn_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.wpn_optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+        self.probs = target_probs(K, params.target_p)
+        self._names = {id(p): name for name, p in model.named_parameters()}
+
+    # -- the pieces --------------------------------------------------------------------------------------
+    def wpn_features(self, logits: list[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
+        kind = self.params.wpn_input
+        if kind == "loss":
+            return losses.detach()
+        with torch.no_grad():
+            conf = torch.stack([F.softmax(z, dim=1).amax(1) for z in logits], dim=1)
+        return conf if kind == "conf" else torch.cat([losses.detach(), conf], dim=1)
+
+    def weights(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, K] loss weights w = 1 + eps * (t - mean t)."""
+        t = self.wpn(features)
+        mode = self.params.normalize
+        t = t - (t.mean(0, keepdim=True) if mode == "row" else t.mean(1, keepdim=True) if mode == "col" else t.mean())
+        return 1 + self.params.epsilon * t
+
+    def sgd_terms(self) -> list[_SGDTerm]:
+        """The trainable parameters with their optimizer group's settings, read now (current lr)."""
+        terms = []
+        for group in self.optimizer.param_groups:
+            if group.get("maximize"):
+                raise ConfigError("method l2w: SGD with maximize=True is not supported")
+            momentum = float(group["momentum"])
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None
+                terms.append(_SGDTerm(self._names[id(p)], p, float(group["lr"]), momentum,
+                                      float(group["dampening"]), float(group["weight_decay"]),
+                                      bool(group["nesterov"]), buf))
+        return terms
+
+    def meta_loss(self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The meta objective of the network at parameters `theta` on the meta half."""
+        with running_stats_frozen(self.model):
+            logits = functional_call(self.model, theta, (x,))
+        losses = per_exit_ce(logits, y)
+        if self.params.meta_objective == "uniform":
+            return losses.mean(0).sum()
+        with torch.no_grad():
+            conf = torch.stack([F.softmax(z, dim=1).amax(1) for z in logits], dim=1)
+            exit_of = allocate_exits(conf, self.probs)
+        total = losses.new_zeros(())
+        for k in range(losses.shape[1]):
+            chosen = exit_of == k
+            if chosen.any():
+                total = total + losses[chosen, k].mean()
+        return total
+
+    def _train_losses_at(self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with running_stats_frozen(self.model):
+            return per_exit_ce(functional_call(self.model, theta, (x,)), y)
+
+    def wpn_gradient(self, features, losses, x_tr, y_tr, x_me, y_me) -> tuple[list[torch.Tensor], float]:
+        """d L_meta / d phi for the training half (its per-exit losses `losses` from the real forward, whose
+        graph is kept for the real step) and the meta half. Returns (gradients per WPN parameter, L_meta)."""
+        terms = self.sgd_terms()
+        params = [t.param for t in terms]
+        wpn_params = list(self.wpn.parameters())
+        w = self.weights(features)
+        n = losses.shape[0]
+        if self.params.meta_grad == "exact":
+            g = torch.autograd.grad((w * losses).mean(0).sum(), params, create_graph=True)
+            theta_hat = {t.name: t.pseudo_step(gi) for t, gi in zip(terms, g)}
+            meta = self.meta_loss(theta_hat, x_me, y_me)
+            grads = torch.autograd.grad(meta, wpn_params, allow_unused=True)
+        else:
+            g = torch.autograd.grad((w.detach() * losses).mean(0).sum(), params, retain_graph=True)
+            with torch.no_grad():
+                theta_hat = {t.name: t.pseudo_step(gi).requires_grad_() for t, gi in zip(terms, g)}
+            del g
+            meta = self.meta_loss(theta_hat, x_me, y_me)
+            v = torch.autograd.grad(meta, list(theta_hat.values()))
+            del theta_hat
+            direction = {t.name: t.grad_scale() * vi for t, vi in zip(terms, v)}
+            del v
+            theta = {t.name: t.param.detach() for t in terms}
+            if self.params.meta_grad == "jvp":
+                _, d_losses = torch.func.jvp(lambda th: self._train_losses_at(th, x_tr, y_tr), (theta,),
+                                             (direction,))
+            else:
+                d_losses = self._finite_difference(theta, direction, x_tr, y_tr)
+            grads = torch.autograd.grad(w, wpn_params, grad_outputs=-d_losses / n, allow_unused=True)
+        grads = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(wpn_params, grads)]
+        return grads, float(meta.detach())
+
+    @torch.no_grad()
+    def _finite_difference(self, theta, direction, x, y) -> torch.Tensor:
+        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
+        if norm == 0:
+            return torch.zeros_like(self._train_losses_at(theta, x, y))
+        r = self.params.fd_radius / float(norm)
+        plus = self._train_losses_at({k: theta[k] + r * d for k, d in direction.items()}, x, y)
+        minus = self._train_losses_at({k: theta[k] - r * d for k, d in direction.items()}, x, y)
+        return (plus - minus) / (2 * r)
+
+    def meta_update(self, features, losses, x_tr, y_tr, x_me, y_me) -> float:
+        grads, meta = self.wpn_gradient(features, losses, x_tr, y_tr, x_me, y_me)
+        for p, g in zip(self.wpn.parameters(), grads):
+            p.grad = g
+        self.wpn_optimizer.step()
+        self.wpn_optimizer.zero_grad(set_to_none=True)
+        return meta
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def _half(self, x_tr, y_tr, x_me, y_me, meta_step: bool) -> StepOutput:
+        logits = self.model(x_tr)  # the one real forward of this half: BN running stats move here only
+        losses = per_exit_ce(logits, y_tr)
+        features = self.wpn_features(logits, losses)
+        extras = {}
+        if meta_step:
+            extras["meta_loss"] = self.meta_update(features, losses, x_tr, y_tr, x_me, y_me)
+        with torch.no_grad():
+            w = self.weights(features)
+        objective = (w * losses).mean(0).sum()
+        self.optimizer_step(objective)
+        out = measure(logits, y_tr, losses, objective)
+        out.extras = extras
+        return out
+
+    def step(self, x, y, iteration):
+        if x.shape[0] < 2:
+            raise UsageError(f"method l2w: a batch of {x.shape[0]} sample cannot be split into a training half "
+                             f"and a meta half; use batch_size >= 2 (even)")
+        (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)
+        meta_step = iteration % self.params.meta_interval == 0
+        outputs = [self._half(x1, y1, x2, y2, meta_step), self._half(x2, y2, x1, y1, meta_step)]
+        self.wpn_scheduler.step()
+        return combine(outputs)
+
+    def state_dict(self):
+        return {**super().state_dict(), "wpn": self.wpn.state_dict(),
+                "wpn_optimizer": self.wpn_optimizer.state_dict(), "wpn_scheduler": self.wpn_scheduler.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.wpn.load_state_dict(state["wpn"])
+        self.wpn_optimizer.load_state_dict(state["wpn_optimizer"])
+        self.wpn_scheduler.load_state_dict(state["wpn_scheduler"])
+
+
+METHODS.add_preset("l2w-imagenet", "l2w", doc="L2W-DEN ImageNet: eps 0.3, mat, meta_interval 100",
+                   epsilon=0.3, normalize="mat", meta_interval=100)
