@@ -133,8 +133,9 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown field {field_name!r}"
     value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{field_name or 'config'}: {first['msg']}, got {value!r}{more}"
+    return f"{field_name or 'config'}: {msg}, got {value!r}{more}"
 
 
 # The three registries every component plugs into. Importing the packages below fills them.

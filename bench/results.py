@@ -40,6 +40,7 @@ class ResultRecord(BaseModel):
     train_images_per_s: float = 0.0
     counter: str | None = None  # MAC counter name and version
     calibration: str = "heldout"
+    data_info: dict[str, Any] = Field(default_factory=dict)  # split sizes, val-index hash, where files were
     epochs: list[dict[str, Any]] = Field(default_factory=list)
     exits: list[dict[str, Any]] = Field(default_factory=list)  # exit, top1, top5, macs, params
     budgets: list[dict[str, Any]] = Field(default_factory=list)  # p, test_acc, val_acc, expected_macs, ...
@@ -73,6 +74,7 @@ def to_tables(record: ResultRecord) -> dict[str, pd.DataFrame]:
         "git_commit": record.git_commit,
         "counter": record.counter,
         "calibration": record.calibration,
+        **{f"data.{k}": v for k, v in flatten(record.data_info).items()},
         "versions": json.dumps(record.versions, sort_keys=True),
         **{f"summary.{k}": v for k, v in flatten(record.summary).items()},
         **{f"config.{k}": v for k, v in flatten(record.config).items()},
