@@ -109,13 +109,16 @@ def _train(sub):
 def _sweep(sub):
     p = sub.add_parser("sweep", help="run a grid of trials on Ray Tune (default: the bundled sweep)",
                        description="Expand a sweep YAML into trials and run them on Ray Tune; without a file, run "
-                                   "the bundled default sweep and its report.")
+                                   "the bundled default sweep and its report. Results go to "
+                                   "STORAGE_PATH/NAME/store; exit status 1 if any trial failed.")
     p.add_argument("config", nargs="?", default=None, help="sweep YAML (default: the bundled default sweep)")
     _overrides(p)
-    p.add_argument("--name", default=None, help="sweep name (folder under storage_path)")
+    p.add_argument("--name", default=None, help="sweep name (folder under storage_path; default: the YAML's name)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--resume", action="store_true", help="resume the sweep NAME (unfinished and errored trials)")
-    p.add_argument("--quiet", action="store_true", help="no live trial table")
+    p.add_argument("--resume", default=None, metavar="NAME",
+                   help="continue sweep NAME under storage_path (or a sweep folder): unfinished and errored trials "
+                        "resume from their last checkpoints, finished ones are kept")
+    p.add_argument("--quiet", action="store_true", help="no live trial table (summary only)")
 
     def run(args):
         from bench.tune import cli_sweep

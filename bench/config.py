@@ -130,15 +130,53 @@ class Resources(Section):
     gpu: float = Field(0.0, ge=0)
 
 
+SPACE_KINDS = ("uniform", "loguniform", "randint", "choice")
+
+
 class SearchConfig(Section):
-    """Hyper-parameter search on top of the grid: `num_samples` repeats, optional ASHA early stopping."""
+    """Hyper-parameter search on top of the grid: `num_samples` samples per grid point from `space` (random
+    search; without a space, plain repeats), optional ASHA early stopping on `metric`.
+
+    space: dotted trial field -> one distribution, e.g. `optim.lr: {loguniform: [0.01, 0.5]}`,
+    `batch_size: {choice: [32, 64]}`, `method.epsilon: {uniform: [0.5, 1.0]}`, `epochs: {randint: [2, 6]}`
+    (randint's upper end is excluded, as in Ray Tune).
+    """
 
     num_samples: int = Field(1, ge=1)
+    space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: str = "val_acc_last"
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for path, dist in v.items():
+            if len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS:
+                raise ValueError(f"{path}: give exactly one of {', '.join(SPACE_KINDS)}, "
+                                 "e.g. {loguniform: [0.01, 0.5]}")
+            kind, args = next(iter(dist.items()))
+            if kind == "choice":
+                if not args:
+                    raise ValueError(f"{path}: choice needs at least one value")
+                continue
+            numbers = len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+            if not numbers or not args[0] < args[1]:
+                raise ValueError(f"{path}: {kind} needs [low, high] numbers with low < high")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"{path}: loguniform needs low > 0")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ValueError(f"{path}: randint needs whole numbers [low, high)")
+        return v
+
+    def endpoints(self, path: str) -> list[Any]:
+        """Values that bound a search dimension (each is validated on every grid point before a sweep)."""
+        kind, args = next(iter(self.space[path].items()))
+        if kind == "choice":
+            return list(args)
+        return [args[0], args[1] - 1] if kind == "randint" else list(args)
 
 
 class SweepConfig(Section):
@@ -173,8 +211,18 @@ class SweepConfig(Section):
                 raise ConfigError("grid.seed: seeds are an axis of their own; use the top-level 'seeds' list")
             if not _path_exists(base, path):
                 raise ConfigError(f"grid.{path}: no such trial field (fields: {', '.join(base)})")
+        for path in self.search.space:
+            if path in self.grid or path == "seed":
+                raise ConfigError(f"search.space.{path}: already a grid axis or the seed; search it in one place only")
+            if not _path_exists(base, path):
+                raise ConfigError(f"search.space.{path}: no such trial field (fields: {', '.join(base)})")
         for trial in self.trials():  # every grid point must be a valid trial, before any work starts
-            del trial
+            raw = trial.model_dump()
+            for path in self.search.space:  # ... and so must the ends of every search dimension on it
+                for value in self.search.endpoints(path):
+                    point = copy.deepcopy(raw)
+                    _set_path(point, path, copy.deepcopy(value))
+                    validate_trial(point, where=f"search.space.{path}={value!r}")
         return self
 
     def trials(self) -> list[TrialConfig]:

@@ -1,0 +1,585 @@
+"""Sweeps on Ray Tune: a SweepConfig becomes a `tune.Tuner` over one function trainable that calls
+`bench.train.run`. Tune does the orchestration (scheduling, resources, fault tolerance, many nodes, resume);
+the engine does the work.
+
+A sweep folder `<storage_path>/<name>/` holds:
+
+    sweep.yaml            the validated SweepConfig (`--resume` reads it back)
+    store/                the results store (bench.results): runs, exits, budgets, epochs, records
+    <trial id>_<label>/   Ray's trial folder: checkpoint_NNNNNN/ (the engine's checkpoint after each epoch),
+                          run/ (config.yaml, metrics.jsonl, logits.pt, result.json of a finished trial), logs
+    experiment_state-*.json, tuner.pkl, ...   Ray's experiment state (Tuner.restore)
+
+Failures: a trial that raises (or diverges) writes a failed record, then re-raises so Tune marks it ERROR;
+`--resume` resumes errored trials from their last checkpoint (a passing fault heals, a divergence recurs and
+is recorded again) and never runs a finished trial again. A driver-side callback records what a trial cannot:
+trials stopped early by ASHA and trials whose worker died.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from bench import results
+from bench.config import SweepConfig, _set_path, load_sweep, read_yaml, validate_sweep
+from bench.errors import UsageError
+from bench.results import ResultRecord
+
+DEFAULT_SWEEP = Path(__file__).resolve().parent / "configs" / "default.yaml"
+SWEEP_FILE = "sweep.yaml"
+RUN_FOLDER = "run"  # inside each Ray trial folder: the engine's outputs of a finished trial
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "logits.pt", "result.json")
+EPOCH_METRICS = re.compile(r"^(loss|lr|time_s|images_per_s|val_acc_last|(val_acc|train_acc|train_loss)_\d+)$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str) -> bool:
+    return bool(_URI.match(location))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results store on a local/shared path or an object-store URI
+
+
+class Store:
+    """The results store of one sweep folder, given as a path or a URI (pyarrow filesystem)."""
+
+    def __init__(self, sweep_dir: str):
+        import pyarrow.fs as pafs
+
+        self.location = sweep_dir
+        if is_uri(sweep_dir):
+            self.fs, self.root = pafs.FileSystem.from_uri(sweep_dir)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), sweep_dir
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def write(self, record: ResultRecord) -> None:
+        if self.local:
+            results.write(record, self.root)  # atomic per file
+            return
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory(prefix="exitbench-store-") as tmp:
+            results.write(record, tmp)  # each object is uploaded whole: no half files in object stores either
+            pafs.copy_files(f"{tmp}/store", f"{self.root}/store", destination_filesystem=self.fs)
+
+    def read(self, trial_id: str) -> dict[str, Any] | None:
+        import pyarrow.fs as pafs
+
+        path = f"{self.root}/store/records/{trial_id}.json"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.readall())
+
+    def status(self, trial_id: str) -> str | None:
+        record = self.read(trial_id)
+        return None if record is None else record["status"]
+
+
+def _write_text(location: str, text: str) -> None:
+    if is_uri(location):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(location)
+        fs.create_dir(path.rsplit("/", 1)[0])
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+    else:
+        results.atomic_write_text(Path(location), text)
+
+
+def _read_text(location: str) -> str | None:
+    if is_uri(location):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(location)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.readall().decode()
+    path = Path(location)
+    return path.read_text() if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trial: one grid point (plus sampled search values) -> bench.train.run
+
+
+def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every grid point x seed as a validated, fully defaulted trial dict with a short label."""
+    points = []
+    for index, cfg in enumerate(sweep.trials()):
+        raw = cfg.model_dump()  # python mode: JSON mode would turn inf (e.g. data.noise) into null
+        raw["progress"] = False  # no tqdm bars inside Ray workers
+        label = f"{raw['method']['name']}-{raw['data']['name']}-{raw['backbone']['name']}-s{raw['seed']}"
+        points.append({"index": index, "label": label, "trial": raw})
+    return points
+
+
+def trial_dict(tune_config: dict[str, Any]) -> dict[str, Any]:
+    """The trial dict of a Tune config: its grid point with the sampled search values set."""
+    raw = copy.deepcopy(tune_config["point"]["trial"])
+    for path, value in (tune_config.get("search") or {}).items():
+        _set_path(raw, path, value.item() if hasattr(value, "item") else value)  # numpy scalars -> Python
+    return raw
+
+
+def _failed_record(trial_id: str, sweep_name: str, raw: dict[str, Any], error: str, wall_time: float = 0.0):
+    from bench.train import git_commit, package_versions
+
+    return ResultRecord(trial_id=trial_id, sweep=sweep_name, status="failed", error=error, config=raw,
+                        seed=int(raw.get("seed", 0)), versions=package_versions(), git_commit=git_commit(),
+                        wall_time_s=wall_time)
+
+
+def _describe(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the checkpoint is replaced (not rewritten) each epoch, so a hard link is a snapshot
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: float, cwd: str) -> None:
+    """Tune function trainable: train one trial, report each epoch with its checkpoint, store the record."""
+    import torch
+
+    from bench import train
+
+    started = time.time()
+    torch.set_num_threads(max(1, int(cpus)))
+    torch.use_deterministic_algorithms(False)  # a reused actor must not inherit the last trial's mode
+    workdir = Path.cwd()  # Ray's trial working directory: synced to the trial folder when the trial ends
+    if Path(cwd).is_dir():
+        os.chdir(cwd)  # relative paths (data.root) mean what they mean to `exitbench train` in that folder
+    store = Store(sweep_dir)
+    trial_id = tune.get_context().get_trial_id()
+    raw = trial_dict(config)
+    if store.status(trial_id) == "finished":
+        return  # finished and stored before the driver died, not yet marked so in Tune's state: never rerun
+    scratch = Path(tempfile.mkdtemp(prefix=f"exitbench-{trial_id}-"))
+    try:
+        try:
+            from bench.config import validate_trial
+
+            cfg = validate_trial(raw)
+            checkpoint = tune.get_checkpoint()
+            if checkpoint is not None:  # resuming: the engine continues exactly from its own checkpoint
+                with checkpoint.as_directory() as folder:
+                    shutil.copy2(Path(folder) / train.CHECKPOINT, scratch / train.CHECKPOINT)
+
+            def on_epoch(row: dict[str, Any], run_dir: Path) -> None:
+                if row["epoch"] >= cfg.epochs:
+                    return  # the last epoch is reported after evaluation, so a scheduler stop cannot cut it off
+                with tempfile.TemporaryDirectory(prefix="exitbench-ckpt-") as tmp:
+                    for name in (train.CHECKPOINT, "metrics.jsonl"):
+                        _link_or_copy(run_dir / name, Path(tmp) / name)
+                    tune.report(dict(row), checkpoint=tune.Checkpoint.from_directory(tmp))  # copied on return
+
+            record = train.run(cfg, scratch, on_epoch=on_epoch, resume=True, trial_id=trial_id, sweep=sweep_name)
+        except Exception as err:
+            store.write(_failed_record(trial_id, sweep_name, raw, _describe(err), time.time() - started))
+            raise
+        store.write(record)
+        out = workdir / RUN_FOLDER
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RUN_OUTPUTS:
+            if (scratch / name).is_file():
+                shutil.copy2(scratch / name, out / name)
+        final = {**record.epochs[-1], "test_top1_last": record.exits[-1]["top1"]}
+        with tempfile.TemporaryDirectory(prefix="exitbench-ckpt-") as tmp:
+            for name in (train.CHECKPOINT, "metrics.jsonl"):
+                _link_or_copy(scratch / name, Path(tmp) / name)
+            tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def _trial_dirname(trial) -> str:
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", trial.config.get("point", {}).get("label", "trial"))
+    return f"{trial.trial_id}_{label}"[:100]
+
+
+def _trial_id_of(result) -> str:
+    tid = (result.metrics or {}).get("trial_id")
+    if tid:
+        return tid
+    return "_".join(Path(result.path).name.split("_")[:2])  # dirname is "<id>_<label>"; ids hold one "_"
+
+
+def _last_line(text: str | None) -> str | None:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else None
+
+
+class StoreCallback(tune.Callback):
+    """Driver side: records the trials a trainable cannot record itself, those stopped early by the
+    scheduler (ASHA) and those whose worker process died."""
+
+    def __init__(self, sweep_dir: str, sweep_name: str):
+        self.sweep_dir, self.sweep_name = sweep_dir, sweep_name
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        store = Store(self.sweep_dir)
+        if store.status(trial.trial_id) == "finished":
+            return  # the trainable stored its own record
+        from bench.train import git_commit, package_versions
+
+        raw = trial_dict(trial.config)
+        epochs = _epochs_of(trial)
+        seconds = sum(e.get("time_s", 0.0) for e in epochs)
+        images = sum(e.get("time_s", 0.0) * e.get("images_per_s", 0.0) for e in epochs)
+        store.write(ResultRecord(
+            trial_id=trial.trial_id, sweep=self.sweep_name, status="finished", config=raw,
+            seed=int(raw.get("seed", 0)), versions=package_versions(), git_commit=git_commit(),
+            wall_time_s=float(trial.last_result.get("time_total_s", 0.0)),
+            train_images_per_s=images / seconds if seconds else 0.0, epochs=epochs,
+            summary={"stopped_early": True, "epochs_trained": len(epochs)}))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        store = Store(self.sweep_dir)
+        if store.status(trial.trial_id) == "failed":
+            return  # the trainable stored its own record, with its exception
+        error = _last_line(trial.get_error()) or "the trial's worker failed (see Ray's error file)"
+        store.write(_failed_record(trial.trial_id, self.sweep_name, trial_dict(trial.config), error))
+
+
+def _epochs_of(trial) -> list[dict[str, Any]]:
+    """Per-epoch metrics of a stopped trial, from its latest persisted checkpoint (it carries metrics.jsonl)."""
+    checkpoint = trial.checkpoint
+    if checkpoint is None:
+        return []
+    path = f"{checkpoint.path}/metrics.jsonl"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            text = f.readall().decode()
+    except (OSError, FileNotFoundError):
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _param_space(sweep: SweepConfig) -> dict[str, Any]:
+    space: dict[str, Any] = {"point": tune.grid_search(grid_points(sweep))}
+    makers = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
+    search = {}
+    for path, dist in sweep.search.space.items():
+        kind, args = next(iter(dist.items()))
+        search[path] = tune.choice(args) if kind == "choice" else makers[kind](*args)
+    if search:
+        space["search"] = search
+    return space
+
+
+def _reporter(sweep: SweepConfig):
+    params = {"point/trial/method/name": "method", "point/trial/data/name": "dataset",
+              "point/trial/backbone/name": "backbone", "point/trial/seed": "seed"}
+    flat = [results.flatten(p["trial"]) for p in grid_points(sweep)]
+    shown = ("method.name", "data.name", "backbone.name", "seed")
+    varied = [k for k in flat[0] if k not in shown and len({json.dumps(f.get(k)) for f in flat}) > 1]
+    for key in varied[:4]:  # what else tells grid points apart (e.g. method.exit_weights, optim.lr)
+        params["point/trial/" + key.replace(".", "/")] = key
+    for path in sweep.search.space:
+        params[f"search/{path}"] = path
+    return tune.CLIReporter(parameter_columns=params, metric_columns={"epoch": "epoch", "val_acc_last": "val_acc_last"},
+                            max_report_frequency=30, max_progress_rows=40, max_error_rows=10, max_column_length=30)
+
+
+def _trainable(sweep: SweepConfig, sweep_dir: str):
+    trainable = tune.with_parameters(run_trial, sweep_dir=sweep_dir, sweep_name=sweep.name,
+                                     cpus=sweep.resources.cpu, cwd=os.getcwd())
+    return tune.with_resources(trainable, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+
+
+def _max_epochs(sweep: SweepConfig) -> int:
+    epochs = [t.epochs for t in sweep.trials()]
+    if "epochs" in sweep.search.space:
+        epochs += [int(v) for v in sweep.search.endpoints("epochs")]
+    return max(epochs)
+
+
+def _tuner(sweep: SweepConfig, sweep_dir: str, quiet: bool):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    search = sweep.search
+    if search.scheduler == "asha":
+        scheduler = AsyncHyperBandScheduler(time_attr="training_iteration", metric=search.metric, mode=search.mode,
+                                            max_t=_max_epochs(sweep), grace_period=search.grace_period,
+                                            reduction_factor=search.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    storage, name = sweep_dir.rstrip("/").rsplit("/", 1)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, verbose=0 if quiet else 1,
+        progress_reporter=None if quiet else _reporter(sweep),
+        callbacks=[StoreCallback(sweep_dir, sweep.name)],
+        sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's run/ folder goes to its trial folder
+        failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded; --resume retries it
+    )
+    tune_config = tune.TuneConfig(num_samples=search.num_samples, scheduler=scheduler,
+                                  max_concurrent_trials=sweep.max_concurrent, trial_name_creator=_trial_name,
+                                  trial_dirname_creator=_trial_dirname,
+                                  reuse_actors=True)  # imports (torch, Ray Tune) once per slot, not per trial
+    return tune.Tuner(_trainable(sweep, sweep_dir), param_space=_param_space(sweep), tune_config=tune_config,
+                      run_config=run_config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before Ray starts, Ray itself
+
+
+def preflight(sweep: SweepConfig) -> None:
+    """Bad input that the config models cannot see on their own: one line, before any Ray work."""
+    res = sweep.resources
+    for key, value in (("cpu", res.cpu), ("gpu", res.gpu)):
+        if value > 1 and value != int(value):
+            raise UsageError(f"resources.{key}={value}: fractions are allowed only below 1 (e.g. 0.5); use a whole "
+                             f"number above 1")
+    if sweep.search.scheduler == "asha" and not EPOCH_METRICS.match(sweep.search.metric):
+        raise UsageError(f"search.metric={sweep.search.metric!r} is not a per-epoch metric; use val_acc_last, "
+                         f"val_acc_K, train_acc_K, train_loss_K or loss")
+    if res.gpu == 0 and any(t.device.startswith("cuda") for t in sweep.trials()):
+        raise UsageError("device=cuda needs resources.gpu > 0 (Ray hides GPUs from trials that ask for none); "
+                         "set resources.gpu=1 (or 0.5 to share) or device=auto")
+    if sweep.report:
+        from bench.report import build_report
+
+        allowed = [p for p in inspect.signature(build_report).parameters if p != "sweep_dir"]
+        unknown = sorted(set(sweep.report) - set(allowed))
+        if unknown:
+            raise UsageError(f"report.{unknown[0]}: unknown report option; valid: {', '.join(allowed)}")
+
+
+def _check_fits(sweep: SweepConfig, nodes: list[dict[str, float]], where: str) -> None:
+    res = sweep.resources
+    if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
+        return
+    cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    raise UsageError(f"resources per trial (cpu={res.cpu:g}, gpu={res.gpu:g}) are more than {where} has on one "
+                     f"node ({cpu:g} CPUs, {gpu:g} GPUs); lower resources.cpu / resources.gpu")
+
+
+def _local_machine() -> dict[str, float]:
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
+
+
+class _NoTrialTracebacks(logging.Filter):
+    """Tune logs a full traceback per failed trial; the summary names each error and its error.txt instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Trial task failed", "Trials did not complete"))
+
+
+def _quiet_logs(quiet: bool) -> None:
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTrialTracebacks) for f in logger.filters):
+            logger.addFilter(_NoTrialTracebacks())
+
+
+def connect(address: str | None, quiet: bool) -> bool:
+    """Ray for this sweep: the running one (tests), a cluster at `address` / $RAY_ADDRESS, or a local Ray sized
+    to this machine. Returns True if this call started or joined Ray (and so should shut it down)."""
+    import ray
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores CLIReporter and its columns
+    _quiet_logs(quiet)
+    if ray.is_initialized():
+        return False
+    level = logging.ERROR if quiet else logging.WARNING
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=level)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+        hint = "; start one with `ray start --head` or check the address" if address else ""
+        raise UsageError(f"cannot start or reach {where}: {_last_line(str(err))}{hint}") from None
+    _quiet_logs(quiet)  # ray.init configures its loggers again
+    return True
+
+
+def _ray_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running and resuming
+
+
+@dataclass
+class Outcome:
+    sweep_dir: str
+    sweep: SweepConfig
+    trials: int = 0
+    finished: int = 0
+    stopped: int = 0
+    failed: list[tuple[str, str, str, str]] = field(default_factory=list)  # (trial id, label, error, trial dir)
+
+
+def _outcome(grid, sweep: SweepConfig, sweep_dir: str) -> Outcome:
+    store = Store(sweep_dir)
+    out = Outcome(sweep_dir, sweep)
+    for result in grid:
+        out.trials += 1
+        tid = _trial_id_of(result)
+        label = (result.config or {}).get("point", {}).get("label", "?")
+        record = store.read(tid)
+        if result.error is not None or record is None or record["status"] != "finished":
+            error = (record or {}).get("error") or _last_line(str(result.error)) or "no result record was stored"
+            out.failed.append((tid, label, error, str(result.path)))
+        elif record.get("summary", {}).get("stopped_early"):
+            out.stopped += 1
+        else:
+            out.finished += 1
+    return out
+
+
+def sweep_location(storage_path: str, name: str) -> str:
+    if is_uri(storage_path):
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path).expanduser().resolve() / name)
+
+
+def run_sweep(sweep: SweepConfig, *, address: str | None = None, quiet: bool = False) -> Outcome:
+    """Start a new sweep in `<storage_path>/<name>` (which must not exist yet); returns the outcome."""
+    if not NAME.match(sweep.name):
+        raise UsageError(f"sweep name {sweep.name!r}: use letters, digits, '.', '_' or '-' (a single folder name)")
+    sweep_dir = sweep_location(sweep.storage_path, sweep.name)
+    if _read_text(f"{sweep_dir}/{SWEEP_FILE}") is not None or _read_text(f"{sweep_dir}/tuner.pkl") is not None:
+        raise UsageError(f"sweep {sweep.name!r} already exists in {sweep_dir}; continue it with `exitbench sweep "
+                         f"--resume {sweep.name}` or choose another --name")
+    sweep = sweep.model_copy(update={"storage_path": sweep_dir.rsplit("/", 1)[0]})
+    preflight(sweep)
+    return _fit(sweep, sweep_dir, address, quiet, restore=False)
+
+
+def resume_sweep(name_or_dir: str, storage_path: str = "runs", *, address: str | None = None,
+                 quiet: bool = False) -> Outcome:
+    """Continue sweep `name_or_dir` (a name under `storage_path`, or a sweep folder): unfinished and errored
+    trials resume from their last checkpoints, finished ones are kept as they are."""
+    if NAME.match(name_or_dir):
+        sweep_dir = sweep_location(storage_path, name_or_dir)
+    else:
+        sweep_dir = name_or_dir if is_uri(name_or_dir) else str(Path(name_or_dir).expanduser().resolve())
+    text = _read_text(f"{sweep_dir}/{SWEEP_FILE}")
+    if text is None:
+        raise UsageError(f"--resume {name_or_dir}: no sweep there ({sweep_dir}/{SWEEP_FILE} does not exist); give "
+                         f"the name of a sweep under storage_path={storage_path} or its folder")
+    sweep = validate_sweep(yaml.safe_load(text))
+    preflight(sweep)
+    return _fit(sweep, sweep_dir, address, quiet, restore=True)
+
+
+def _fit(sweep: SweepConfig, sweep_dir: str, address: str | None, quiet: bool, restore: bool) -> Outcome:
+    import ray
+
+    if not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
+        _check_fits(sweep, [_local_machine()], "this machine")  # before Ray starts
+    started_ray = connect(address, quiet)
+    try:
+        _check_fits(sweep, _ray_nodes(), "the Ray cluster")
+        if restore:
+            if not tune.Tuner.can_restore(sweep_dir):
+                raise UsageError(f"--resume: {sweep_dir} holds no Ray Tune experiment state to restore")
+            tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(sweep, sweep_dir), resume_unfinished=True,
+                                       resume_errored=True)
+            run_config = tuner._local_tuner.get_run_config()  # the stored one: apply this call's --quiet
+            run_config.verbose = 0 if quiet else 1
+            run_config.progress_reporter = None if quiet else _reporter(sweep)
+        else:
+            _write_text(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(sweep.model_dump(), sort_keys=False))
+            tuner = _tuner(sweep, sweep_dir, quiet)
+        grid = tuner.fit()
+        return _outcome(grid, sweep, sweep_dir)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _print_summary(outcome: Outcome) -> None:
+    parts = [f"{outcome.finished} finished"]
+    if outcome.stopped:
+        parts.append(f"{outcome.stopped} stopped early by ASHA")
+    parts.append(f"{len(outcome.failed)} failed")
+    print(f"sweep: {outcome.trials} trials: {', '.join(parts)}")
+    for tid, label, error, trial_dir in outcome.failed:
+        print(f"  failed {tid} ({label}): {error}  [traceback: {trial_dir}/error.txt]")
+    print(f"results store: {outcome.sweep_dir}/store (bench.results.load; `exitbench report {outcome.sweep_dir}`)")
+
+
+def cli_sweep(args) -> int:
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # `sweep key=value ...`: no file
+    if args.resume:
+        if args.name and args.name != args.resume:
+            raise UsageError(f"--name {args.name} and --resume {args.resume} disagree; give only --resume NAME")
+        raw = read_yaml(args.config) if args.config else {}
+        extra = [o for o in args.overrides if not o.startswith("storage_path=")]
+        if extra:
+            raise UsageError(f"--resume continues a sweep as it was defined; only storage_path=... may be given, "
+                             f"not {extra[0]!r}")
+        storage = raw.get("storage_path", "runs")
+        for item in args.overrides:
+            storage = item.partition("=")[2] or storage
+        outcome = resume_sweep(args.resume, str(storage), address=args.address, quiet=args.quiet)
+    else:
+        path = args.config
+        if path is None:
+            if not DEFAULT_SWEEP.is_file():
+                raise UsageError(f"no sweep file given and the bundled default sweep {DEFAULT_SWEEP} does not exist; "
+                                 f"pass SWEEP.yaml")
+            path = DEFAULT_SWEEP
+        sweep = load_sweep(path, args.overrides)
+        if args.name:
+            sweep = sweep.model_copy(update={"name": args.name})
+        outcome = run_sweep(sweep, address=args.address, quiet=args.quiet)
+    _print_summary(outcome)
+    sweep = outcome.sweep
+    if sweep.report and outcome.finished and not is_uri(outcome.sweep_dir):
+        from bench.report import build_report
+
+        written = build_report(outcome.sweep_dir, **sweep.report)
+        print(f"report: {len(written)} files in {written[0].parent}" if written else "report: nothing written")
+    sys.stdout.flush()
+    return 1 if outcome.failed else 0
+

@@ -1,0 +1,89 @@
+"""Sweep overhead and parallel throughput on Ray Tune (issue 7 targets: overhead < 3 s per trial; 2 concurrent
+1-CPU trials >= 1.6x the throughput of one at a time on a 2-CPU machine).
+
+    .venv/bin/python benchmarks/sweep_overhead.py [--trials 4] [--train-size 1500] [--epochs 2]
+
+One local Ray (sized to --cpus) is started once and timed on its own. Then the same trials run twice:
+one at a time (max_concurrent 1) and side by side (max_concurrent = cpus). Overhead per trial is the
+sequential sweep's wall time minus the trials' own wall time (the engine's, from data build to evaluation,
+as stored in the results store), divided by the number of trials: what Tune adds (actor start, imports,
+reporting, checkpoint copies, store writes). Throughput is trials per second of sweep wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def sweep_config(name: str, storage: str, trials: int, train_size: int, epochs: int, concurrent: int):
+    from bench.config import validate_sweep
+
+    base = {
+        "data": {"name": "synthetic", "num_classes": 10, "image_size": 16, "train_size": train_size,
+                 "test_size": 500, "val_size": 0.1},
+        "backbone": {"name": "tiny", "widths": [8, 16, 32]},
+        "epochs": epochs, "batch_size": 64, "device": "cpu",
+    }
+    return validate_sweep({"name": name, "base": base, "seeds": list(range(trials)), "resources": {"cpu": 1},
+                           "max_concurrent": concurrent, "storage_path": storage})
+
+
+def timed_sweep(sweep) -> tuple[float, float]:
+    """(sweep wall time, summed trial wall time) in seconds."""
+    from bench import results
+    from bench.tune import run_sweep
+
+    t0 = time.perf_counter()
+    outcome = run_sweep(sweep, quiet=True)
+    wall = time.perf_counter() - t0
+    if outcome.failed or outcome.finished != outcome.trials:
+        raise SystemExit(f"sweep {sweep.name}: {outcome}")
+    runs = results.load(outcome.sweep_dir).runs
+    return wall, float(runs["wall_time_s"].sum())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--train-size", type=int, default=1500)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=2)
+    args = p.parse_args()
+
+    t0 = time.perf_counter()
+    import ray
+
+    import bench.tune  # noqa: F401  (ray.tune and torch, as the CLI imports them)
+
+    imports = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray_start = time.perf_counter() - t0
+    print(f"imports {imports:.2f} s, ray.init ({args.cpus} CPUs) {ray_start:.2f} s")
+    with tempfile.TemporaryDirectory(prefix="exitbench-bench-") as storage:
+        seq = sweep_config("sequential", storage, args.trials, args.train_size, args.epochs, 1)
+        par = sweep_config("parallel", storage, args.trials, args.train_size, args.epochs, args.cpus)
+        seq_wall, seq_trials = timed_sweep(seq)
+        par_wall, par_trials = timed_sweep(par)
+    ray.shutdown()
+
+    n = args.trials
+    overhead = (seq_wall - seq_trials) / n
+    speedup = seq_wall / par_wall
+    print(f"{n} trials x {args.epochs} epochs ({args.train_size} images, tiny [8,16,32], 1 CPU each)")
+    print(f"one at a time:   wall {seq_wall:6.1f} s, trials' own time {seq_trials:6.1f} s "
+          f"({seq_trials / n:.1f} s per trial)")
+    print(f"{args.cpus} side by side: wall {par_wall:6.1f} s, trials' own time {par_trials:6.1f} s "
+          f"({par_trials / n:.1f} s per trial)")
+    print(f"overhead per trial (sequential wall - trials' time) / trials: {overhead:.2f} s   (target < 3 s)")
+    print(f"throughput: {n / seq_wall:.3f} -> {n / par_wall:.3f} trials/s = {speedup:.2f}x   (target >= 1.6x)")
+    print(f"with the Ray start counted in: {(seq_wall - seq_trials + ray_start) / n:.2f} s per trial")
+
+
+if __name__ == "__main__":
+    main()
