@@ -46,6 +46,7 @@ RUN_FOLDER = "run"  # inside each Ray trial folder: the engine's outputs of a fi
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "logits.pt", "result.json")
 EPOCH_METRICS = re.compile(r"^(loss|lr|time_s|images_per_s|val_acc_last|(val_acc|train_acc|train_loss)_\d+)$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")  # Tune's names for a trial's persisted checkpoints
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -162,6 +163,38 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def restore_checkpoint(checkpoint, dest: Path) -> None:
+    """Copy the newest readable engine checkpoint of the trial to `dest`.
+
+    Tune hands back the checkpoint its experiment state last recorded. After a driver crash that state can
+    be older than the trial's folder, whose older checkpoints Tune may already have deleted (num_to_keep),
+    so look at every checkpoint_NNNNNN next to it and take the newest one that loads.
+    """
+    import pyarrow.fs as pafs
+    import torch
+
+    from bench.train import CHECKPOINT
+
+    fs, given = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = given.rsplit("/", 1)[0]
+    found = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    folders = {f.path for f in found if f.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(f.base_name)}
+
+    def index(folder: str) -> int:
+        match = CHECKPOINT_DIR.fullmatch(folder.rsplit("/", 1)[-1])
+        return int(match.group(1)) if match else -1
+
+    for folder in sorted(folders | {given}, key=index, reverse=True):
+        try:
+            with fs.open_input_stream(f"{folder}/{CHECKPOINT}") as src:
+                dest.write_bytes(src.readall())
+            torch.load(dest, map_location="cpu", weights_only=True)  # a copy cut short by a crash does not load
+            return
+        except Exception:  # missing (deleted) or truncated: try the next older one
+            dest.unlink(missing_ok=True)
+    raise FileNotFoundError(f"no readable {CHECKPOINT} in the checkpoints of {parent}")
+
+
 def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: float, cwd: str) -> None:
     """Tune function trainable: train one trial, report each epoch with its checkpoint, store the record."""
     import torch
@@ -187,8 +220,7 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
             cfg = validate_trial(raw)
             checkpoint = tune.get_checkpoint()
             if checkpoint is not None:  # resuming: the engine continues exactly from its own checkpoint
-                with checkpoint.as_directory() as folder:
-                    shutil.copy2(Path(folder) / train.CHECKPOINT, scratch / train.CHECKPOINT)
+                restore_checkpoint(checkpoint, scratch / train.CHECKPOINT)
 
             def on_epoch(row: dict[str, Any], run_dir: Path) -> None:
                 if row["epoch"] >= cfg.epochs:
@@ -343,6 +375,7 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, quiet: bool):
         progress_reporter=None if quiet else _reporter(sweep),
         callbacks=[StoreCallback(sweep_dir, sweep.name)],
         sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's run/ folder goes to its trial folder
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # resume needs the newest; see restore_checkpoint
         failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded; --resume retries it
     )
     tune_config = tune.TuneConfig(num_samples=search.num_samples, scheduler=scheduler,

@@ -183,3 +183,24 @@ def test_store_on_a_uri_round_trips(tmp_path):
     store.write(ResultRecord(trial_id="t1", status="failed", error="boom", config={"seed": 0}, seed=0))
     assert store.status("t1") == "failed" and store.status("t2") is None
     assert results.load(tmp_path / "sweep").runs.loc[0, "error"] == "boom"
+
+
+def test_restore_takes_the_newest_checkpoint_that_loads(tmp_path):
+    """After a driver crash Tune may hand back an older (even deleted) checkpoint than the trial folder holds."""
+    import torch
+    from ray import tune
+
+    from bench.tune import restore_checkpoint
+
+    for index, epoch in ((0, 1), (1, 2), (2, 3)):
+        folder = tmp_path / "trial" / f"checkpoint_{index:06d}"
+        folder.mkdir(parents=True)
+        torch.save({"epoch": epoch}, folder / "checkpoint.pt")
+    newest = tmp_path / "trial" / "checkpoint_000002" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:20])  # a copy cut short by the crash
+    dest = tmp_path / "scratch.pt"
+    restore_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "trial" / "checkpoint_000000")), dest)
+    assert torch.load(dest, weights_only=True)["epoch"] == 2
+    gone = tmp_path / "trial" / "checkpoint_000007"  # recorded by Tune, since deleted (num_to_keep)
+    restore_checkpoint(tune.Checkpoint(str(gone)), dest)
+    assert torch.load(dest, weights_only=True)["epoch"] == 2
