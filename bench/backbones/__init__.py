@@ -2,6 +2,7 @@
 
 from bench.backbones import tiny  # noqa: F401  (registers)
 from bench.backbones import ranet, sdn  # noqa: F401
+from bench.backbones import msdnet  # noqa: F401
 from bench.backbones.contract import MultiExitNet, Truncated, map_state  # noqa: F401
 from bench.registry import BACKBONES
 
