@@ -56,7 +56,7 @@ class Registry:
 
         return decorator
 
-    def add_preset(self, name: str, base: str, doc: str = "", **values: Any) -> None:
+    def add_preset(self, name: str, base: str, /, doc: str = "", **values: Any) -> None:
         if name in self._entries or name in self._presets:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._presets[name] = Preset(name, base, values, doc)

@@ -262,9 +262,7 @@ def msdnet(p: MSDNetParams, num_classes: int, in_channels: int = 3, image_size: 
 
 
 def _preset(name: str, doc: str, **values) -> None:
-    # Registry.add_preset takes `base` as its own argument (the family), so MSDNet's `base` option is set after.
-    BACKBONES.add_preset(name, "msdnet", doc=doc)
-    BACKBONES.preset(name).values.update(values)
+    BACKBONES.add_preset(name, "msdnet", doc=doc, **values)
 
 
 _CIFAR = dict(data="cifar", nChannels=16, growthRate=6, grFactor=[1, 2, 4], bnFactor=[1, 2, 4])
