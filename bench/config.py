@@ -341,3 +341,10 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def split_config_arg(path: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`exitbench train k=v` has no file: argparse put the first override into the optional FILE slot."""
+    if path is not None and "=" in path and not Path(path).exists():
+        return None, [path, *overrides]
+    return path, list(overrides)

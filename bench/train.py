@@ -29,7 +29,8 @@ import torch
 
 from bench import backbones
 from bench import data as data_mod
-from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, to_yaml, validate_trial
+from bench.config import (OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml,
+                          validate_trial)
 from bench.errors import UsageError
 from bench.registry import METHODS
 from bench.results import ResultRecord, atomic_write_bytes, atomic_write_text
@@ -79,7 +80,7 @@ def lr_factor(cfg: ScheduleConfig, iteration: int, total: int, steps_per_epoch: 
         return 0.5 * (1 + math.cos(math.pi * iteration / total))
     epochs = total // steps_per_epoch
     epoch = iteration // steps_per_epoch
-    drops = sum(epoch >= int(m * epochs) for m in cfg.milestones)
+    drops = sum(epoch >= m * epochs for m in cfg.milestones)  # MSDNet: epoch // (epochs * m)
     return cfg.gamma**drops
 
 
@@ -291,7 +292,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
 
 
 def cli_train(args) -> int:
-    cfg = load_trial(args.config, args.overrides)
+    cfg = load_trial(*split_config_arg(args.config, args.overrides))
     run_dir = Path(cfg.out_dir)
     if (run_dir / CHECKPOINT).exists() and not args.resume:
         raise UsageError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "

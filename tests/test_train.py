@@ -79,7 +79,7 @@ def test_nan_loss_names_epoch_and_iteration(tmp_path):
         ({"name": "multistep"}, 0, 1.0),
         ({"name": "multistep"}, 49, 1.0),  # epoch 4 of 10 (10 steps per epoch)
         ({"name": "multistep"}, 50, 0.1),  # epoch 5 = 50 % of 10
-        ({"name": "multistep"}, 75, 0.1),  # epoch 7 < 7.5 -> int(7.5) = 7 reached
+        ({"name": "multistep"}, 75, 0.1),  # epoch 7 < 7.5: MSDNet drops again only from epoch 8
         ({"name": "multistep"}, 80, 0.01),
         ({"name": "cosine"}, 0, 1.0),
         ({"name": "cosine"}, 50, 0.5),
