@@ -29,8 +29,7 @@ import torch
 
 from bench import backbones
 from bench import data as data_mod
-from bench.config import (OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml,
-                          validate_trial)
+from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml, validate_trial
 from bench.errors import UsageError
 from bench.registry import METHODS
 from bench.results import ResultRecord, atomic_write_bytes, atomic_write_text
