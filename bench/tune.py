@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -452,15 +453,23 @@ def connect(address: str | None, quiet: bool) -> bool:
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores CLIReporter and its columns
     _quiet_logs(quiet)
+    address = address or os.environ.get("RAY_ADDRESS")
+    host_port = re.fullmatch(r"([A-Za-z0-9.-]+):(\d+)", address or "")
+    if host_port:  # Ray itself retries an unreachable address for minutes
+        try:
+            socket.create_connection((host_port[1], int(host_port[2])), timeout=10).close()
+        except OSError as err:
+            raise UsageError(f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}); start it with "
+                             f"`ray start --head --port {host_port[2]}` or check the address") from None
     if ray.is_initialized():
         return False
     level = logging.ERROR if quiet else logging.WARNING
-    address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=level)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
+            # "local": a new instance even if a `ray start` cluster runs here (ray.init() would join it)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=level)
     except (ConnectionError, ValueError, RuntimeError) as err:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         hint = "; start one with `ray start --head` or check the address" if address else ""

@@ -62,7 +62,7 @@ def main() -> None:
 
     imports = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray_start = time.perf_counter() - t0
     print(f"imports {imports:.2f} s, ray.init ({args.cpus} CPUs) {ray_start:.2f} s")
     with tempfile.TemporaryDirectory(prefix="exitbench-bench-") as storage:

@@ -137,6 +137,7 @@ def _kill_group(pgid: int) -> None:
         ({"search": {"space": {"method.nope": {"choice": [1, 2]}}}}, [], "unknown field 'method.nope'"),
         ({}, ["base.device=cuda"], "device=cuda needs resources.gpu > 0"),
         ({}, ["name=a/b"], "sweep name 'a/b'"),
+        ({}, ["--address", "127.0.0.1:1"], "cannot reach the Ray cluster at '127.0.0.1:1'"),
     ],
 )
 def test_bad_sweeps_are_one_line_exit_2(run_cli, tmp_path, changes, overrides, message):
