@@ -60,7 +60,15 @@ def _budget(sub):
                        description="Evaluate a logits file (keys val_logits [K,N,C], val_labels [N], test_logits, "
                                    "test_labels, macs [K]): anytime table, the 39-budget dynamic protocol, summary.")
     p.add_argument("logits", help="logits .pt file")
-    p.add_argument("--confidence", choices=["max_softmax", "entropy", "margin"], default="max_softmax")
+    p.add_argument("--confidence", choices=["max_softmax", "entropy", "margin"], default="max_softmax",
+                   help="exit confidence: max softmax probability (default, the reference's), negative entropy, "
+                        "or top-1 minus top-2 probability")
+    p.add_argument("--at-macs", type=float, nargs="+", default=(), metavar="MACS",
+                   help="also report the budgeted accuracy at these MACs")
+    p.add_argument("--target-acc", type=float, nargs="+", default=(), metavar="ACC",
+                   help="also report the MACs at which the budgeted curve first reaches these accuracies (%%)")
+    p.add_argument("--auc-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="MACs range of the AUC (default: exit 1's to exit K's MACs)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args):
