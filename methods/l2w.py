@@ -37,8 +37,8 @@ with v = grad_theta_hat L_meta and a = lr * c per parameter (c = d step / d g: 1
 momentum buffer exists, times (1 + mu * .) with nesterov; momentum and weight-decay terms do not depend on
 w). The chain rule to phi then runs through the normalisation and the WPN by ordinary backprop.
 - `exact` (default): reverse over reverse through the differentiable pseudo step, as the reference does.
-- `jvp`: the same numbers from one forward-mode pass (torch.func.jvp) of the per-sample losses of the
-  training half along a * v.
+- `jvp`: the same numbers from one forward-mode pass (dual tensors, torch.autograd.forward_ad; what
+  torch.func.jvp computes) of the per-sample losses of the training half along a * v.
 - `finite_difference`: the directional derivative from two extra forwards at theta +- r * a * v,
   r = fd_radius / ||a * v|| (DARTS-style). An approximation: O(r^2) error plus float round-off.
 """
@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
@@ -133,29 +134,32 @@ def running_stats_frozen(model: nn.Module):
 
 
 @dataclass
-class _SGDTerm:
-    """One parameter with the SGD settings of its group and its momentum buffer (if any)."""
+class _SGDGroup:
+    """Parameters that share SGD settings and momentum-buffer presence (foreach ops over the whole group)."""
 
-    name: str
-    param: nn.Parameter
+    names: list[str]
+    params: list[nn.Parameter]
+    buffers: list[torch.Tensor] | None
     lr: float
     momentum: float
     dampening: float
     weight_decay: float
     nesterov: bool
-    buffer: torch.Tensor | None
 
-    def pseudo_step(self, grad: torch.Tensor) -> torch.Tensor:
-        """theta - lr * step(grad): torch SGD's update, differentiable in `grad`."""
-        theta = self.param.detach()
-        d = grad + self.weight_decay * theta if self.weight_decay else grad
-        b = self.buffer * self.momentum + (1 - self.dampening) * d if self.buffer is not None else d
-        step = d + self.momentum * b if self.nesterov else b
-        return theta - self.lr * step
+    def pseudo_step(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """theta - lr * step(grad): torch SGD's update, differentiable in `grads`."""
+        theta = [p.detach() for p in self.params]
+        d = torch._foreach_add(grads, theta, alpha=self.weight_decay) if self.weight_decay else list(grads)
+        if self.buffers is not None:
+            b = torch._foreach_add(torch._foreach_mul(self.buffers, self.momentum), d, alpha=1 - self.dampening)
+        else:
+            b = d
+        step = torch._foreach_add(d, b, alpha=self.momentum) if self.nesterov else b
+        return torch._foreach_add(theta, step, alpha=-self.lr)
 
     def grad_scale(self) -> float:
-        """d theta_hat / d grad = -lr * c."""
-        c = (1 - self.dampening) if self.buffer is not None else 1.0
+        """-d theta_hat / d grad = lr * c."""
+        c = (1 - self.dampening) if self.buffers is not None else 1.0
         return self.lr * ((1 + self.momentum * c) if self.nesterov else c)
 
 
@@ -199,21 +203,26 @@ class L2W(Strategy):
         t = t - (t.mean(0, keepdim=True) if mode == "row" else t.mean(1, keepdim=True) if mode == "col" else t.mean())
         return 1 + self.params.epsilon * t
 
-    def sgd_terms(self) -> list[_SGDTerm]:
-        """The trainable parameters with their optimizer group's settings, read now (current lr)."""
-        terms = []
+    def sgd_groups(self) -> list[_SGDGroup]:
+        """The trainable parameters grouped by SGD settings (read now: the current lr) and by whether their
+        momentum buffer exists yet (torch SGD creates it at a parameter's first update)."""
+        groups = []
         for group in self.optimizer.param_groups:
             if group.get("maximize"):
                 raise ConfigError("method l2w: SGD with maximize=True is not supported")
             momentum = float(group["momentum"])
+            split: dict[bool, list] = {False: [], True: []}
             for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                buf = self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None
-                terms.append(_SGDTerm(self._names[id(p)], p, float(group["lr"]), momentum,
-                                      float(group["dampening"]), float(group["weight_decay"]),
-                                      bool(group["nesterov"]), buf))
-        return terms
+                if p.requires_grad:
+                    buf = self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None
+                    split[buf is not None].append((p, buf))
+            for has_buffer, members in split.items():
+                if members:
+                    groups.append(_SGDGroup(
+                        [self._names[id(p)] for p, _ in members], [p for p, _ in members],
+                        [b for _, b in members] if has_buffer else None, float(group["lr"]), momentum,
+                        float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"])))
+        return groups
 
     def meta_loss(self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The meta objective of the network at parameters `theta` on the meta half."""
@@ -239,44 +248,66 @@ class L2W(Strategy):
     def wpn_gradient(self, features, losses, x_tr, y_tr, x_me, y_me) -> tuple[list[torch.Tensor], float]:
         """d L_meta / d phi for the training half (its per-exit losses `losses` from the real forward, whose
         graph is kept for the real step) and the meta half. Returns (gradients per WPN parameter, L_meta)."""
-        terms = self.sgd_terms()
-        params = [t.param for t in terms]
+        groups = self.sgd_groups()
+        names = [name for group in groups for name in group.names]
+        params = [p for group in groups for p in group.params]
         wpn_params = list(self.wpn.parameters())
         w = self.weights(features)
         n = losses.shape[0]
         if self.params.meta_grad == "exact":
             g = torch.autograd.grad((w * losses).mean(0).sum(), params, create_graph=True)
-            theta_hat = {t.name: t.pseudo_step(gi) for t, gi in zip(terms, g)}
+            theta_hat = dict(zip(names, self._pseudo_step(groups, g)))
             meta = self.meta_loss(theta_hat, x_me, y_me)
             grads = torch.autograd.grad(meta, wpn_params, allow_unused=True)
         else:
             g = torch.autograd.grad((w.detach() * losses).mean(0).sum(), params, retain_graph=True)
             with torch.no_grad():
-                theta_hat = {t.name: t.pseudo_step(gi).requires_grad_() for t, gi in zip(terms, g)}
+                theta_hat = dict(zip(names, [t.requires_grad_() for t in self._pseudo_step(groups, g)]))
             del g
             meta = self.meta_loss(theta_hat, x_me, y_me)
             v = torch.autograd.grad(meta, list(theta_hat.values()))
             del theta_hat
-            direction = {t.name: t.grad_scale() * vi for t, vi in zip(terms, v)}
+            direction, start = {}, 0
+            for group in groups:  # a * v, a = lr * c per group
+                chunk = torch._foreach_mul(list(v[start:start + len(group.params)]), group.grad_scale())
+                direction.update(zip(group.names, chunk))
+                start += len(group.params)
             del v
-            theta = {t.name: t.param.detach() for t in terms}
+            theta = {name: p.detach() for name, p in zip(names, params)}
             if self.params.meta_grad == "jvp":
-                _, d_losses = torch.func.jvp(lambda th: self._train_losses_at(th, x_tr, y_tr), (theta,),
-                                             (direction,))
+                d_losses = self._jvp(theta, direction, x_tr, y_tr)
             else:
                 d_losses = self._finite_difference(theta, direction, x_tr, y_tr)
             grads = torch.autograd.grad(w, wpn_params, grad_outputs=-d_losses / n, allow_unused=True)
         grads = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(wpn_params, grads)]
         return grads, float(meta.detach())
 
+    @staticmethod
+    def _pseudo_step(groups: list[_SGDGroup], grads) -> list[torch.Tensor]:
+        out, start = [], 0
+        for group in groups:
+            out += group.pseudo_step(list(grads[start:start + len(group.params)]))
+            start += len(group.params)
+        return out
+
+    @torch.no_grad()
+    def _jvp(self, theta, direction, x, y) -> torch.Tensor:
+        """Forward-mode derivative of the per-sample losses along `direction`. Dual tensors
+        (torch.autograd.forward_ad) rather than torch.func.jvp: same numbers, ~25 % less time here."""
+        with fwAD.dual_level():
+            duals = {k: fwAD.make_dual(theta[k], direction[k]) for k in theta}
+            return fwAD.unpack_dual(self._train_losses_at(duals, x, y)).tangent
+
     @torch.no_grad()
     def _finite_difference(self, theta, direction, x, y) -> torch.Tensor:
-        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
+        keys, d = list(direction), list(direction.values())
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(d)).double()))
         if norm == 0:
             return torch.zeros_like(self._train_losses_at(theta, x, y))
-        r = self.params.fd_radius / float(norm)
-        plus = self._train_losses_at({k: theta[k] + r * d for k, d in direction.items()}, x, y)
-        minus = self._train_losses_at({k: theta[k] - r * d for k, d in direction.items()}, x, y)
+        r = self.params.fd_radius / norm
+        base = [theta[k] for k in keys]
+        plus = self._train_losses_at(dict(zip(keys, torch._foreach_add(base, d, alpha=r))), x, y)
+        minus = self._train_losses_at(dict(zip(keys, torch._foreach_add(base, d, alpha=-r))), x, y)
         return (plus - minus) / (2 * r)
 
     def meta_update(self, features, losses, x_tr, y_tr, x_me, y_me) -> float:
