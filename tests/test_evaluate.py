@@ -306,6 +306,10 @@ def test_summary_and_oracle():
     assert s["auc"] == pytest.approx(area / 30)
     assert s["anytime_auc"] == pytest.approx((20 * 50 + 10 * 60) / 30)
     assert s["oracle_acc"] == pytest.approx(200 / 3) and s["oracle_macs"] == pytest.approx((30 + 40 + 10) / 3)
+    # Every exit alone is a point of the curve: a strong middle exit lifts the envelope.
+    anytime_rows[1]["top1"] = 80.0
+    s = ev.summarise(budgets, anytime_rows, [10.0, 30.0, 40.0])
+    assert s["acc_at_75pct"] == 80.0 and s["best_acc"] == 72.0 and "oracle_acc" not in s
 
 
 # ------------------------------------------------------------------------------------ logits files and CLI
