@@ -165,11 +165,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def restore_checkpoint(checkpoint, dest: Path) -> None:
-    """Copy the newest readable engine checkpoint of the trial to `dest`.
+    """Copy the trial's engine checkpoint that Tune hands back to `dest`; if it does not load (a copy cut
+    short by a crash), the newest of the trial's other checkpoint_NNNNNN folders that does.
 
-    Tune hands back the checkpoint its experiment state last recorded. After a driver crash that state can
-    be older than the trial's folder, whose older checkpoints Tune may already have deleted (num_to_keep),
-    so look at every checkpoint_NNNNNN next to it and take the newest one that loads.
+    Tune's experiment state names that checkpoint, and its iteration count goes with it, so it is preferred
+    even when the trial folder holds newer ones (after a driver crash the state can lag a few epochs: those
+    epochs are trained again, exactly). All checkpoints are kept (no num_to_keep): Tune refuses to restore a
+    trial whose recorded checkpoint was deleted, and a crash can leave the state naming a deleted one.
     """
     import pyarrow.fs as pafs
     import torch
@@ -185,7 +187,7 @@ def restore_checkpoint(checkpoint, dest: Path) -> None:
         match = CHECKPOINT_DIR.fullmatch(folder.rsplit("/", 1)[-1])
         return int(match.group(1)) if match else -1
 
-    for folder in sorted(folders | {given}, key=index, reverse=True):
+    for folder in [given, *sorted(folders - {given}, key=index, reverse=True)]:
         try:
             with fs.open_input_stream(f"{folder}/{CHECKPOINT}") as src:
                 dest.write_bytes(src.readall())
@@ -376,7 +378,6 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, quiet: bool):
         progress_reporter=None if quiet else _reporter(sweep),
         callbacks=[StoreCallback(sweep_dir, sweep.name)],
         sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's run/ folder goes to its trial folder
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # resume needs the newest; see restore_checkpoint
         failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded; --resume retries it
     )
     tune_config = tune.TuneConfig(num_samples=search.num_samples, scheduler=scheduler,

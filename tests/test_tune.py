@@ -186,8 +186,8 @@ def test_store_on_a_uri_round_trips(tmp_path):
     assert results.load(tmp_path / "sweep").runs.loc[0, "error"] == "boom"
 
 
-def test_restore_takes_the_newest_checkpoint_that_loads(tmp_path):
-    """After a driver crash Tune may hand back an older (even deleted) checkpoint than the trial folder holds."""
+def test_restore_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    """Tune's checkpoint first; if it is gone or cut short, the newest other one that loads."""
     import torch
     from ray import tune
 
@@ -201,7 +201,8 @@ def test_restore_takes_the_newest_checkpoint_that_loads(tmp_path):
     newest.write_bytes(newest.read_bytes()[:20])  # a copy cut short by the crash
     dest = tmp_path / "scratch.pt"
     restore_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "trial" / "checkpoint_000000")), dest)
-    assert torch.load(dest, weights_only=True)["epoch"] == 2
-    gone = tmp_path / "trial" / "checkpoint_000007"  # recorded by Tune, since deleted (num_to_keep)
-    restore_checkpoint(tune.Checkpoint(str(gone)), dest)
+    assert torch.load(dest, weights_only=True)["epoch"] == 1  # the one Tune's state (and iteration) names
+    restore_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "trial" / "checkpoint_000002")), dest)
+    assert torch.load(dest, weights_only=True)["epoch"] == 2  # truncated: the newest that loads
+    restore_checkpoint(tune.Checkpoint(str(tmp_path / "trial" / "checkpoint_000007")), dest)  # gone
     assert torch.load(dest, weights_only=True)["epoch"] == 2
