@@ -18,11 +18,11 @@ def test_readme_extension_examples_run(monkeypatch):
     for name, reg in fresh.items():
         monkeypatch.setattr(registry, name, reg)
     method_src, backbone_src, dataset_src = BLOCKS
-    exec(compile(backbone_src, "README-backbone", "exec"), ns := {})
+    exec(compile(backbone_src, "README-backbone", "exec"), {})
     model = fresh["BACKBONES"].build("mine-wide", num_classes=5)
     assert [z.shape for z in model(torch.randn(2, 3, 16, 16))] == [(2, 5), (2, 5)]
 
-    exec(compile(method_src, "README-method", "exec"), ns := {})
+    exec(compile(method_src, "README-method", "exec"), {})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     strategy = fresh["METHODS"].build("focal", {"gamma": 1.0}, model=model, optimizer=opt, total_steps=1)
     out = strategy.step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), 0)
