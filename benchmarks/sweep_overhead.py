@@ -7,7 +7,8 @@ One local Ray (sized to --cpus) is started once and timed on its own. Then the s
 one at a time (max_concurrent 1) and side by side (max_concurrent = cpus). Overhead per trial is the
 sequential sweep's wall time minus the trials' own wall time (the engine's, from data build to evaluation,
 as stored in the results store), divided by the number of trials: what Tune adds (actor start, imports,
-reporting, checkpoint copies, store writes). Throughput is trials per second of sweep wall time.
+reporting, checkpoint copies, store writes). Throughput is trials per second of sweep wall time. The
+control runs the same trials in plain processes, to show what parallelism the machine itself gives now.
 """
 
 from __future__ import annotations
@@ -47,12 +48,40 @@ def timed_sweep(sweep) -> tuple[float, float]:
     return wall, float(runs["wall_time_s"].sum())
 
 
+def plain_trial(args: tuple[dict, str]) -> float:
+    """One trial in a plain process (no Ray), 1 torch thread: the control for the machine's own parallelism."""
+    import torch
+
+    from bench import train
+    from bench.config import validate_trial
+
+    raw, out = args
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    train.run(validate_trial(raw), out)
+    return time.perf_counter() - t0
+
+
+def plain_pool(sweep, workers: int, folder: str) -> float:
+    """Wall time of the sweep's trials in a pool of `workers` plain processes (started before timing)."""
+    import multiprocessing as mp
+
+    jobs = [(dict(t.model_dump(), progress=False), f"{folder}/{workers}-{i}") for i, t in enumerate(sweep.trials())]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(time.sleep, [0.0] * workers)  # workers are up before the clock starts
+        t0 = time.perf_counter()
+        pool.map(plain_trial, jobs, chunksize=1)
+        return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--train-size", type=int, default=1500)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the same trials in plain processes (the machine's own parallel speed-up)")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -70,7 +99,9 @@ def main() -> None:
         par = sweep_config("parallel", storage, args.trials, args.train_size, args.epochs, args.cpus)
         seq_wall, seq_trials = timed_sweep(seq)
         par_wall, par_trials = timed_sweep(par)
-    ray.shutdown()
+        ray.shutdown()
+        plain_seq = plain_pool(seq, 1, storage) if args.control else float("nan")
+        plain_par = plain_pool(seq, args.cpus, storage) if args.control else float("nan")
 
     n = args.trials
     overhead = (seq_wall - seq_trials) / n
@@ -83,6 +114,9 @@ def main() -> None:
     print(f"overhead per trial (sequential wall - trials' time) / trials: {overhead:.2f} s   (target < 3 s)")
     print(f"throughput: {n / seq_wall:.3f} -> {n / par_wall:.3f} trials/s = {speedup:.2f}x   (target >= 1.6x)")
     print(f"with the Ray start counted in: {(seq_wall - seq_trials + ray_start) / n:.2f} s per trial")
+    if args.control:  # what the machine itself gives two processes now (other load shares these cores)
+        print(f"control without Ray (process pool, imports before the clock): one at a time {plain_seq:.1f} s, "
+              f"{args.cpus} side by side {plain_par:.1f} s = {plain_seq / plain_par:.2f}x")
 
 
 if __name__ == "__main__":
