@@ -15,7 +15,8 @@ its final ReLU; ours read the block's output (after it), since the cut is at the
 
 `pretrained: true` loads torchvision's ImageNet weights from the local torch hub cache only
 ($TORCH_HOME/hub/checkpoints, see `torch.hub.get_dir()`); nothing is ever downloaded. With num_classes other
-than the weights' the final classifier keeps its fresh initialisation.
+than the weights' the final classifier keeps its fresh initialisation; with in_channels other than 3 so does
+the first conv (replaced to take the data's channels).
 """
 
 from __future__ import annotations
@@ -84,11 +85,11 @@ CIFAR_RESNETS = {f"cifar_resnet{d}": d for d in (20, 32, 44, 56, 110)}
 
 
 # families ----------------------------------------------------
-def _flat(m):
+def _flat(m):  # the model's own pooling module, then torch.flatten as its forward does
     return [m.avgpool, nn.Flatten(1)]
 
 
-def _pool_flat(m):
+def _global_pool():  # F.adaptive_avg_pool2d / x.mean([2, 3]) in the model's forward
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
 
 
@@ -99,15 +100,15 @@ FAMILIES = {
     "CifarResNet": (("conv1", "bn1", "relu", "layer1", "layer2", "layer3"), lambda m: [*_flat(m), m.fc]),
     "VGG": (("features",), lambda m: [*_flat(m), m.classifier]),
     "AlexNet": (("features",), lambda m: [*_flat(m), m.classifier]),
-    "MobileNetV2": (("features",), lambda m: [*_pool_flat(m), m.classifier]),
+    "MobileNetV2": (("features",), lambda m: [*_global_pool(), m.classifier]),
     "MobileNetV3": (("features",), lambda m: [*_flat(m), m.classifier]),
     "EfficientNet": (("features",), lambda m: [*_flat(m), m.classifier]),
     "ConvNeXt": (("features",), lambda m: [m.avgpool, m.classifier]),
     "RegNet": (("stem", "trunk_output"), lambda m: [*_flat(m), m.fc]),
-    "MNASNet": (("layers",), lambda m: [*_pool_flat(m), m.classifier]),
+    "MNASNet": (("layers",), lambda m: [*_global_pool(), m.classifier]),
     "ShuffleNetV2": (("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"),
-                     lambda m: [*_pool_flat(m), m.fc]),
-    "DenseNet": (("features",), lambda m: [nn.ReLU(), *_pool_flat(m), m.classifier]),
+                     lambda m: [*_global_pool(), m.fc]),
+    "DenseNet": (("features",), lambda m: [nn.ReLU(), *_global_pool(), m.classifier]),
     "SqueezeNet": (("features",), lambda m: [m.classifier, nn.Flatten(1)]),
 }
 
