@@ -566,9 +566,10 @@ def _fit(sweep: SweepConfig, sweep_dir: str, address: str | None, quiet: bool, r
                 raise UsageError(f"--resume: {sweep_dir} holds no Ray Tune experiment state to restore")
             tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(sweep, sweep_dir), resume_unfinished=True,
                                        resume_errored=True)
-            run_config = tuner._local_tuner.get_run_config()  # the stored one: apply this call's --quiet
+            run_config = tuner._local_tuner.get_run_config()  # the stored one: this call's --quiet and folder
             run_config.verbose = 0 if quiet else 1
             run_config.progress_reporter = None if quiet else _reporter(sweep)
+            run_config.callbacks = [StoreCallback(sweep_dir, sweep.name)]  # the folder may have moved
         else:
             _write_text(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(sweep.model_dump(), sort_keys=False))
             tuner = _tuner(sweep, sweep_dir, quiet)
