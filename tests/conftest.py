@@ -2,7 +2,12 @@ import os
 
 import pytest
 
+import torch
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The suite's tensors are tiny: one intra-op thread is as fast, and it stays fast when other processes
+# (Ray trial workers, a parallel job) share the two cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
