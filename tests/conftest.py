@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
