@@ -14,8 +14,6 @@ import yaml
 
 from bench import results
 
-pytestmark = pytest.mark.slow
-
 TINY = {
     "data": {"name": "synthetic", "num_classes": 4, "image_size": 8, "train_size": 96, "test_size": 40,
              "val_size": 0.25},
@@ -42,6 +40,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_sweep_two_methods_two_seeds_fills_the_store(ray_session, run_cli, tmp_path):
     code, out, err = run_cli("sweep", sweep_file(tmp_path, "grid"), "--quiet")
     assert code == 0, out + err
@@ -65,6 +64,7 @@ def test_sweep_two_methods_two_seeds_fills_the_store(ray_session, run_cli, tmp_p
     assert code == 2 and "already exists" in one_line(err) and "--resume grid" in err
 
 
+@pytest.mark.slow
 def test_failing_trial_is_recorded_and_others_finish(ray_session, run_cli, tmp_path):
     data = [dict(TINY["data"]), dict(TINY["data"], noise=float("inf"))]  # inf inputs -> NaN loss
     path = sweep_file(tmp_path, "fails", grid={"data": data}, seeds=[0], base=dict(TINY, epochs=1))
@@ -82,6 +82,7 @@ def pd_isna(value) -> bool:
     return bool(pd.isna(value))
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, run_cli, tmp_path):
     path = sweep_file(tmp_path, "killed", base=dict(TINY, epochs=3), max_concurrent=1)
     records = tmp_path / "runs" / "killed" / "store" / "records"
