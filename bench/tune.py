@@ -435,7 +435,8 @@ class _NoTrialTracebacks(logging.Filter):
     """Tune logs a full traceback per failed trial; the summary names each error and its error.txt instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Trial task failed", "Trials did not complete"))
+        return not str(record.msg).startswith(("Trial task failed", "Trials did not complete",
+                                                "Experiment has been interrupted"))
 
 
 def _quiet_logs(quiet: bool) -> None:
@@ -496,6 +497,7 @@ class Outcome:
     trials: int = 0
     finished: int = 0
     stopped: int = 0
+    unfinished: int = 0  # interrupted (Ctrl-C): `--resume` continues them
     failed: list[tuple[str, str, str, str]] = field(default_factory=list)  # (trial id, label, error, trial dir)
 
 
@@ -507,7 +509,9 @@ def _outcome(grid, sweep: SweepConfig, sweep_dir: str) -> Outcome:
         tid = _trial_id_of(result)
         label = (result.config or {}).get("point", {}).get("label", "?")
         record = store.read(tid)
-        if result.error is not None or record is None or record["status"] != "finished":
+        if result.error is None and record is None:
+            out.unfinished += 1
+        elif result.error is not None or record is None or record["status"] != "finished":
             error = (record or {}).get("error") or _last_line(str(result.error)) or "no result record was stored"
             out.failed.append((tid, label, error, str(result.path)))
         elif record.get("summary", {}).get("stopped_early"):
@@ -585,9 +589,13 @@ def _print_summary(outcome: Outcome) -> None:
     if outcome.stopped:
         parts.append(f"{outcome.stopped} stopped early by ASHA")
     parts.append(f"{len(outcome.failed)} failed")
+    if outcome.unfinished:
+        parts.append(f"{outcome.unfinished} unfinished")
     print(f"sweep: {outcome.trials} trials: {', '.join(parts)}")
     for tid, label, error, trial_dir in outcome.failed:
         print(f"  failed {tid} ({label}): {error}  [traceback: {trial_dir}/error.txt]")
+    if outcome.unfinished or outcome.failed:
+        print(f"continue (unfinished and failed trials): exitbench sweep --resume {outcome.sweep_dir}")
     print(f"results store: {outcome.sweep_dir}/store (bench.results.load; `exitbench report {outcome.sweep_dir}`)")
 
 
@@ -625,5 +633,5 @@ def cli_sweep(args) -> int:
         written = build_report(outcome.sweep_dir, **sweep.report)
         print(f"report: {len(written)} files in {written[0].parent}" if written else "report: nothing written")
     sys.stdout.flush()
-    return 1 if outcome.failed else 0
+    return 1 if outcome.failed else 130 if outcome.unfinished else 0
 
