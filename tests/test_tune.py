@@ -84,20 +84,30 @@ def pd_isna(value) -> bool:
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, run_cli, tmp_path):
-    path = sweep_file(tmp_path, "killed", base=dict(TINY, epochs=3), max_concurrent=1)
-    records = tmp_path / "runs" / "killed" / "store" / "records"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+    data = dict(TINY["data"], train_size=400)  # epochs long enough to kill the driver inside a trial
+    path = sweep_file(tmp_path, "killed", base=dict(TINY, data=data, epochs=4), max_concurrent=1)
+    sweep_dir = tmp_path / "runs" / "killed"
+    records = sweep_dir / "store" / "records"
+
+    def mid_way() -> list[str]:  # trials with 2 checkpoints but no record yet ("<trial id>_<label>" folders)
+        started = {"_".join(d.parent.name.split("_")[:2]) for d in sweep_dir.glob("*_*/checkpoint_000001")}
+        return sorted(started - {p.stem for p in records.glob("*.json")})
+
+    # Tune saves its experiment state every step (not every 10 s), so it knows the checkpoints on disk at the kill
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="", TUNE_GLOBAL_CHECKPOINT_S="0")
     driver = subprocess.Popen([sys.executable, "-m", "bench", "sweep", str(path), "--quiet"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(records.glob("*.json")) and driver.poll() is None:
-            time.sleep(0.2)
+        deadline = time.time() + 150
+        while time.time() < deadline and driver.poll() is None and not (list(records.glob("*.json")) and mid_way()):
+            time.sleep(0.05)
         assert driver.poll() is None, "the sweep ended before it could be killed"
         os.kill(driver.pid, signal.SIGKILL)  # the driver only, as a crash would; its local Ray goes with it
         driver.wait()
     finally:
         _kill_group(driver.pid)
+    killed_mid_way = mid_way()
+    assert killed_mid_way, "no trial was killed part-way"
     done_before = {p.stem: p.stat().st_mtime_ns for p in records.glob("*.json")}
     assert 1 <= len(done_before) < 4
 
@@ -107,15 +117,40 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ru
     tables = results.load(tmp_path / "runs" / "killed")
     assert len(tables.runs) == 4 and tables.runs["trial_id"].is_unique
     assert set(tables.runs["status"]) == {"finished"}
-    assert sorted(tables.epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2, 3]] * 4
+    assert sorted(tables.epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2, 3, 4]] * 4
     assert len(tables.exits) == 4 * 2 and len(tables.budgets) == 4 * 39
     for tid, mtime in done_before.items():  # finished before the kill: not run (nor stored) again
         assert (records / f"{tid}.json").stat().st_mtime_ns == mtime
+    for tid in killed_mid_way:  # continued from its checkpoint (Tune counts iterations since the restore) ...
+        last = json.loads(next(sweep_dir.glob(f"{tid}_*/result.json")).read_text().splitlines()[-1])
+        assert last["iterations_since_restore"] < last["training_iteration"] == 4
+    _same_as_uninterrupted(sweep_dir, tables, tmp_path / "clean")  # ... and ends exactly where a clean run ends
 
     code, out, _ = run_cli("sweep", "--resume", "killed", f"storage_path={tmp_path / 'runs'}", "--quiet")
     assert code == 0 and "4 trials: 4 finished, 0 failed" in out  # nothing left to do, nothing run twice
     for tid, mtime in done_before.items():
         assert (records / f"{tid}.json").stat().st_mtime_ns == mtime
+
+
+def _same_as_uninterrupted(sweep_dir: Path, tables, scratch: Path) -> None:
+    """Every trial, killed part-way or not, ends exactly where one uninterrupted run of its config ends."""
+    import torch
+
+    from bench import train
+    from bench.config import validate_trial
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the 1-CPU trials: the same reduction order
+    try:
+        for tid in tables.runs["trial_id"]:
+            cfg = validate_trial(results.load_record(sweep_dir, tid).config)
+            clean = train.run(cfg, scratch / tid)
+            losses = tables.epochs.loc[tables.epochs["trial_id"] == tid].sort_values("epoch")["loss"].tolist()
+            top1 = tables.exits.loc[tables.exits["trial_id"] == tid].sort_values("exit")["top1"].tolist()
+            assert losses == pytest.approx([e["loss"] for e in clean.epochs], rel=1e-6), tid
+            assert top1 == [e["top1"] for e in clean.exits], tid
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _kill_group(pgid: int) -> None:
