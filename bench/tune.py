@@ -19,6 +19,7 @@ trials stopped early by ASHA and trials whose worker died.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import logging
@@ -157,11 +158,18 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # the checkpoint is replaced (not rewritten) each epoch, so a hard link is a snapshot
-    except OSError:
-        shutil.copy2(src, dst)
+def _report(metrics: dict[str, Any], run_dir: Path) -> None:
+    """tune.report with a checkpoint folder holding the engine's checkpoint and metrics (Tune copies it)."""
+    folder = run_dir / "tune-report"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        try:
+            os.link(run_dir / name, folder / name)  # the engine replaces (never rewrites) them: a link is a snapshot
+        except OSError:
+            shutil.copy2(run_dir / name, folder / name)
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))  # persisted before it returns
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def restore_checkpoint(checkpoint, dest: Path) -> None:
@@ -215,7 +223,12 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
     raw = trial_dict(config)
     if store.status(trial_id) == "finished":
         return  # finished and stored before the driver died, not yet marked so in Tune's state: never rerun
-    scratch = Path(tempfile.mkdtemp(prefix=f"exitbench-{trial_id}-"))
+    # The engine's run folder, local to the worker; one name per trial, so a resumed trial first clears what a
+    # killed attempt left behind.
+    sweep_hash = hashlib.sha1(sweep_dir.encode()).hexdigest()[:8]
+    scratch = Path(tempfile.gettempdir()) / "exitbench" / f"{sweep_hash}-{trial_id}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     try:
         try:
             from bench.config import validate_trial
@@ -228,10 +241,7 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
             def on_epoch(row: dict[str, Any], run_dir: Path) -> None:
                 if row["epoch"] >= cfg.epochs:
                     return  # the last epoch is reported after evaluation, so a scheduler stop cannot cut it off
-                with tempfile.TemporaryDirectory(prefix="exitbench-ckpt-") as tmp:
-                    for name in (train.CHECKPOINT, "metrics.jsonl"):
-                        _link_or_copy(run_dir / name, Path(tmp) / name)
-                    tune.report(dict(row), checkpoint=tune.Checkpoint.from_directory(tmp))  # copied on return
+                _report(dict(row), run_dir)
 
             record = train.run(cfg, scratch, on_epoch=on_epoch, resume=True, trial_id=trial_id, sweep=sweep_name)
         except Exception as err:
@@ -243,11 +253,7 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
         for name in RUN_OUTPUTS:
             if (scratch / name).is_file():
                 shutil.copy2(scratch / name, out / name)
-        final = {**record.epochs[-1], "test_top1_last": record.exits[-1]["top1"]}
-        with tempfile.TemporaryDirectory(prefix="exitbench-ckpt-") as tmp:
-            for name in (train.CHECKPOINT, "metrics.jsonl"):
-                _link_or_copy(scratch / name, Path(tmp) / name)
-            tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+        _report({**record.epochs[-1], "test_top1_last": record.exits[-1]["top1"]}, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
