@@ -550,6 +550,7 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, curves: dict[
         _lineplot(ax, ex.assign(x=ex["macs"] / scale, y=ex["top1"]), palette, "bars")
         ax.set(title=f"Anytime prediction · {dataset} · {backbone}", xlabel=_macs_axis(g, unit, "cumulative MACs"),
                ylabel="top-1 accuracy (%)")
+        _accuracy_limits(ax)
     written += _save(fig, out, "anytime", "")
 
     # Each trial's curve on a common MACs grid; the band is the 95 % t-interval over seeds at each grid point.
@@ -568,12 +569,19 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, curves: dict[
         _lineplot(ax, data, palette, "band")
         ax.set(title=f"Budgeted batch · {dataset} · {backbone}", xlabel=_macs_axis(g, unit, "expected MACs"),
                ylabel="top-1 accuracy (%)")
+        _accuracy_limits(ax)
     written += _save(fig, out, "budgeted", note)
 
     budgets = tables.budgets
     if "exit_fractions" in budgets and "p" in budgets and len(budgets):
         written += _exit_fraction_figure(out, budgets, groups, columns, palette, note)
     return written
+
+
+def _accuracy_limits(ax) -> None:
+    """Accuracy lives in [0, 100]; a wide t-band over few seeds must not stretch the axis past it."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 100.5))
 
 
 def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[Path]:
