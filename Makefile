@@ -21,8 +21,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import bench, torch, torchvision, ray, fvcore, pytest"
 	touch $(VENV)/.installed $@
 
+# The default sweep, under a fresh name each time (runs/default-<time>/), reported into results/default/.
 run: $(VENV)/.installed
-	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep
+	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep --name default-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed-dev
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
