@@ -290,7 +290,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides):
-        _set_path(raw, key, value)
+        for section in ("grid.", "search.space."):  # their keys are dotted trial paths themselves
+            if key.startswith(section) and len(key) > len(section):
+                node = raw
+                for part in section.rstrip(".").split("."):
+                    node = node.setdefault(part, {})
+                node[key[len(section):]] = value
+                break
+        else:
+            _set_path(raw, key, value)
     return raw
 
 

@@ -30,6 +30,16 @@ def test_overrides_are_parsed_as_yaml_values():
     assert cfg.backbone["widths"] == [4, 8]
 
 
+def test_grid_overrides_keep_dotted_axis_names():
+    raw = apply_overrides({"grid": {"method": ["uniform"]}},
+                          ["grid.optim.lr=[0.1, 0.2]", "search.space.epochs={randint: [1, 3]}"])
+    assert raw["grid"] == {"method": ["uniform"], "optim.lr": [0.1, 0.2]}
+    assert raw["search"] == {"space": {"epochs": {"randint": [1, 3]}}}
+    assert len(validate_sweep(raw).trials()) == 2
+    with pytest.raises(ConfigError, match="grid.optim.lrr: no such trial field"):
+        validate_sweep(apply_overrides({}, ["grid.optim.lrr=[0.1]"]))
+
+
 def test_switching_component_by_name_drops_old_params():
     raw = apply_overrides({"data": {"name": "synthetic", "noise": 0.5}}, ["data=digits"])
     assert raw["data"] == {"name": "digits"}
