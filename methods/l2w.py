@@ -40,7 +40,11 @@ w). The chain rule to phi then runs through the normalisation and the WPN by ord
 - `jvp`: the same numbers from one forward-mode pass (dual tensors, torch.autograd.forward_ad; what
   torch.func.jvp computes) of the per-sample losses of the training half along a * v.
 - `finite_difference`: the directional derivative from two extra forwards at theta +- r * a * v,
-  r = fd_radius / ||a * v|| (DARTS-style). An approximation: O(r^2) error plus float round-off.
+  r = fd_radius / ||a * v|| (DARTS-style). An approximation: O(r^2) error, more where ReLU kinks fall
+  inside the +-r band (~2 % relative on a tiny test net), plus float round-off.
+Recommended: `jvp` (equal to `exact` to float precision, ~20 % faster and lighter: PyTorch's CPU conv double
+backward also computes the second-order input and weight gradients that nothing asks for).
+`benchmarks/l2w_speed.py` prints the figures.
 """
 
 from __future__ import annotations
@@ -120,10 +124,15 @@ def allocate_exits(confidence: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     return exit_of
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @contextmanager
-def running_stats_frozen(model: nn.Module):
-    """BatchNorm in train mode without touching running_mean/var/num_batches_tracked (batch statistics)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def running_stats_frozen(model: nn.Module, norms: list[nn.Module] | None = None):
+    """BatchNorm in train mode without touching running_mean/var/num_batches_tracked (batch statistics).
+    `norms`: the model's tracking BatchNorm modules, if already known (walking the modules costs time)."""
+    norms = batch_norms(model) if norms is None else [m for m in norms if m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:
@@ -157,6 +166,15 @@ class _SGDGroup:
         step = torch._foreach_add(d, b, alpha=self.momentum) if self.nesterov else b
         return torch._foreach_add(theta, step, alpha=-self.lr)
 
+    def only(self, keep: list[bool]) -> _SGDGroup | None:
+        """The members flagged in `keep` (torch SGD leaves a parameter without a gradient untouched)."""
+        if not any(keep):
+            return None
+        pick = [i for i, k in enumerate(keep) if k]
+        return _SGDGroup([self.names[i] for i in pick], [self.params[i] for i in pick],
+                         None if self.buffers is None else [self.buffers[i] for i in pick], self.lr, self.momentum,
+                         self.dampening, self.weight_decay, self.nesterov)
+
     def grad_scale(self) -> float:
         """-d theta_hat / d grad = lr * c."""
         c = (1 - self.dampening) if self.buffers is not None else 1.0
@@ -186,6 +204,9 @@ class L2W(Strategy):
             self.wpn_optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
         self.probs = target_probs(K, params.target_p)
         self._names = {id(p): name for name, p in model.named_parameters()}
+        self._norms = batch_norms(model)
+        # functional_call re-derives weight tying on every call unless told there is none.
+        self._tied = len(list(model.named_parameters(remove_duplicate=False))) != len(self._names)
 
     # -- the pieces --------------------------------------------------------------------------------------
     def wpn_features(self, logits: list[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
@@ -226,8 +247,7 @@ class L2W(Strategy):
 
     def meta_loss(self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The meta objective of the network at parameters `theta` on the meta half."""
-        with running_stats_frozen(self.model):
-            logits = functional_call(self.model, theta, (x,))
+        logits = self._call_at(theta, x)
         losses = per_exit_ce(logits, y)
         if self.params.meta_objective == "uniform":
             return losses.mean(0).sum()
@@ -241,9 +261,13 @@ class L2W(Strategy):
                 total = total + losses[chosen, k].mean()
         return total
 
+    def _call_at(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """The model's exits at parameters `theta`, train mode, running statistics untouched."""
+        with running_stats_frozen(self.model, self._norms):
+            return functional_call(self.model, theta, (x,), tie_weights=self._tied)
+
     def _train_losses_at(self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with running_stats_frozen(self.model):
-            return per_exit_ce(functional_call(self.model, theta, (x,)), y)
+        return per_exit_ce(self._call_at(theta, x), y)
 
     def wpn_gradient(self, features, losses, x_tr, y_tr, x_me, y_me) -> tuple[list[torch.Tensor], float]:
         """d L_meta / d phi for the training half (its per-exit losses `losses` from the real forward, whose
@@ -255,17 +279,21 @@ class L2W(Strategy):
         w = self.weights(features)
         n = losses.shape[0]
         if self.params.meta_grad == "exact":
-            g = torch.autograd.grad((w * losses).mean(0).sum(), params, create_graph=True)
+            g = torch.autograd.grad((w * losses).mean(0).sum(), params, create_graph=True, allow_unused=True)
+            groups, names, params, g = self._drop_unused(groups, g)
             theta_hat = dict(zip(names, self._pseudo_step(groups, g)))
             meta = self.meta_loss(theta_hat, x_me, y_me)
             grads = torch.autograd.grad(meta, wpn_params, allow_unused=True)
         else:
-            g = torch.autograd.grad((w.detach() * losses).mean(0).sum(), params, retain_graph=True)
+            g = torch.autograd.grad((w.detach() * losses).mean(0).sum(), params, retain_graph=True,
+                                    allow_unused=True)
+            groups, names, params, g = self._drop_unused(groups, g)
             with torch.no_grad():
                 theta_hat = dict(zip(names, [t.requires_grad_() for t in self._pseudo_step(groups, g)]))
             del g
             meta = self.meta_loss(theta_hat, x_me, y_me)
-            v = torch.autograd.grad(meta, list(theta_hat.values()))
+            v = torch.autograd.grad(meta, list(theta_hat.values()), allow_unused=True)
+            v = [torch.zeros_like(t) if vi is None else vi for t, vi in zip(theta_hat.values(), v)]
             del theta_hat
             direction, start = {}, 0
             for group in groups:  # a * v, a = lr * c per group
@@ -281,6 +309,20 @@ class L2W(Strategy):
             grads = torch.autograd.grad(w, wpn_params, grad_outputs=-d_losses / n, allow_unused=True)
         grads = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(wpn_params, grads)]
         return grads, float(meta.detach())
+
+    @staticmethod
+    def _drop_unused(groups: list[_SGDGroup], grads):
+        """Parameters the training loss does not reach get no gradient, and SGD does not move them."""
+        if all(gi is not None for gi in grads):
+            return groups, [n for grp in groups for n in grp.names], [p for grp in groups for p in grp.params], grads
+        kept, start = [], 0
+        for group in groups:
+            sub = group.only([gi is not None for gi in grads[start:start + len(group.params)]])
+            start += len(group.params)
+            if sub is not None:
+                kept.append(sub)
+        return (kept, [n for grp in kept for n in grp.names], [p for grp in kept for p in grp.params],
+                [gi for gi in grads if gi is not None])
 
     @staticmethod
     def _pseudo_step(groups: list[_SGDGroup], grads) -> list[torch.Tensor]:

@@ -145,7 +145,7 @@ def test_wpn_gradient_matches_finite_differences_and_reference(sgd, warm, normal
 
     def loss_at():
         return float(reference_meta_loss(model, opt, strategy.wpn, 0.8, normalize, x_tr, y_tr, x_me, y_me,
-                                         strategy.probs))
+                                         strategy.probs).detach())
 
     assert meta == pytest.approx(loss_at(), rel=1e-12)
     g = torch.Generator().manual_seed(4)
@@ -323,3 +323,24 @@ def test_engine_resume_reproduces_uninterrupted_l2w_run(tmp_path):
     assert [{k: v for k, v in e.items() if k not in strip} for e in resumed.epochs] == \
            [{k: v for k, v in e.items() if k not in strip} for e in full.epochs]
     assert resumed.exits == full.exits
+
+
+@pytest.mark.parametrize("meta_grad", ["exact", "jvp"])
+def test_parameter_outside_the_loss_is_left_alone(meta_grad):
+    """As torch SGD: a parameter the loss does not reach gets no gradient and no update; the WPN gradient
+    is the same as without it."""
+    x, y = batch(seed=11)
+    found = []
+    for extra in (False, True):
+        model = tiny(seed=12)
+        if extra:
+            model.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        strategy, _ = l2w(model, meta_grad=meta_grad)
+        logits = model(x[:4])
+        losses = per_exit_ce(logits, y[:4])
+        grads, _ = strategy.wpn_gradient(strategy.wpn_features(logits, losses), losses, x[:4], y[:4], x[4:], y[4:])
+        found.append(torch.cat([g.flatten() for g in grads]))
+        strategy.step(x, y, 1)
+        if extra:
+            assert torch.equal(model.unused, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(found[0], found[1], rtol=1e-12, atol=1e-15)
