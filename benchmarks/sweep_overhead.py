@@ -1,14 +1,16 @@
 """Sweep overhead and parallel throughput on Ray Tune (issue 7 targets: overhead < 3 s per trial; 2 concurrent
 1-CPU trials >= 1.6x the throughput of one at a time on a 2-CPU machine).
 
-    .venv/bin/python benchmarks/sweep_overhead.py [--trials 4] [--train-size 1500] [--epochs 2]
+    .venv/bin/python benchmarks/sweep_overhead.py [--trials 6] [--train-size 6000] [--epochs 2] [--repeat 2]
 
 One local Ray (sized to --cpus) is started once and timed on its own. Then the same trials run twice:
 one at a time (max_concurrent 1) and side by side (max_concurrent = cpus). Overhead per trial is the
 sequential sweep's wall time minus the trials' own wall time (the engine's, from data build to evaluation,
 as stored in the results store), divided by the number of trials: what Tune adds (actor start, imports,
 reporting, checkpoint copies, store writes). Throughput is trials per second of sweep wall time. The
-control runs the same trials in plain processes, to show what parallelism the machine itself gives now.
+control runs the same trials in plain processes without Ray, to show what parallelism the machine itself
+gives torch trials now: on the shared 2-vCPU development VM that is well under 2x (often under 1.6x) even
+without Ray, so compare Ray's speed-up with the control's.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ def plain_pool(sweep, workers: int, folder: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=4)
-    p.add_argument("--train-size", type=int, default=1500)
+    p.add_argument("--trials", type=int, default=6)
+    p.add_argument("--train-size", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2, help="rounds of each mode (the best counts)")
     p.add_argument("--no-control", dest="control", action="store_false",
                    help="skip the same trials in plain processes (the machine's own parallel speed-up)")
     args = p.parse_args()
@@ -94,30 +97,36 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray_start = time.perf_counter() - t0
     print(f"imports {imports:.2f} s, ray.init ({args.cpus} CPUs) {ray_start:.2f} s")
+    seq_runs, par_runs, plain_seq, plain_par = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="exitbench-bench-") as storage:
-        seq = sweep_config("sequential", storage, args.trials, args.train_size, args.epochs, 1)
-        par = sweep_config("parallel", storage, args.trials, args.train_size, args.epochs, args.cpus)
-        seq_wall, seq_trials = timed_sweep(seq)
-        par_wall, par_trials = timed_sweep(par)
-        ray.shutdown()
-        plain_seq = plain_pool(seq, 1, storage) if args.control else float("nan")
-        plain_par = plain_pool(seq, args.cpus, storage) if args.control else float("nan")
+        for r in range(args.repeat):  # alternate the two modes; the best of each is the least disturbed
+            seq = sweep_config(f"sequential{r}", storage, args.trials, args.train_size, args.epochs, 1)
+            par = sweep_config(f"parallel{r}", storage, args.trials, args.train_size, args.epochs, args.cpus)
+            seq_runs.append(timed_sweep(seq))
+            par_runs.append(timed_sweep(par))
+        ray.shutdown()  # the control runs without Ray's processes on the machine
+        for r in range(args.repeat if args.control else 0):
+            plain_seq.append(plain_pool(seq, 1, f"{storage}/plain{r}"))
+            plain_par.append(plain_pool(seq, args.cpus, f"{storage}/plain{r}"))
 
     n = args.trials
+    seq_wall, seq_trials = min(seq_runs)
+    par_wall, par_trials = min(par_runs)
     overhead = (seq_wall - seq_trials) / n
     speedup = seq_wall / par_wall
-    print(f"{n} trials x {args.epochs} epochs ({args.train_size} images, tiny [8,16,32], 1 CPU each)")
+    print(f"{n} trials x {args.epochs} epochs ({args.train_size} images, tiny [8,16,32], 1 CPU each), best of "
+          f"{args.repeat}")
     print(f"one at a time:   wall {seq_wall:6.1f} s, trials' own time {seq_trials:6.1f} s "
-          f"({seq_trials / n:.1f} s per trial)")
+          f"({seq_trials / n:.1f} s per trial)   all walls: {', '.join(f'{w:.1f}' for w, _ in seq_runs)}")
     print(f"{args.cpus} side by side: wall {par_wall:6.1f} s, trials' own time {par_trials:6.1f} s "
-          f"({par_trials / n:.1f} s per trial)")
+          f"({par_trials / n:.1f} s per trial)   all walls: {', '.join(f'{w:.1f}' for w, _ in par_runs)}")
     print(f"overhead per trial (sequential wall - trials' time) / trials: {overhead:.2f} s   (target < 3 s)")
-    print(f"throughput: {n / seq_wall:.3f} -> {n / par_wall:.3f} trials/s = {speedup:.2f}x   (target >= 1.6x)")
     print(f"with the Ray start counted in: {(seq_wall - seq_trials + ray_start) / n:.2f} s per trial")
-    if args.control:  # what the machine itself gives two processes now (other load shares these cores)
-        print(f"control without Ray (process pool, imports before the clock): one at a time {plain_seq:.1f} s, "
-              f"{args.cpus} side by side {plain_par:.1f} s = {plain_seq / plain_par:.2f}x")
-
+    print(f"throughput: {n / seq_wall:.3f} -> {n / par_wall:.3f} trials/s = {speedup:.2f}x   (target >= 1.6x)")
+    if args.control:  # what the machine itself gives two torch processes (no Ray at all)
+        machine = min(plain_seq) / min(plain_par)
+        print(f"control, plain processes without Ray: one at a time {min(plain_seq):.1f} s, {args.cpus} side by side "
+              f"{min(plain_par):.1f} s = {machine:.2f}x; Ray keeps {100 * speedup / machine:.0f} % of it")
 
 if __name__ == "__main__":
     main()
