@@ -18,6 +18,16 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def dashed_ints(value: Any) -> Any:
+    """The reference command lines spell factor lists "1-2-4"; accept that as well as a list."""
+    if isinstance(value, str):
+        try:
+            return [int(part) for part in value.split("-")]
+        except ValueError:
+            raise ValueError(f"expected integers joined by '-' such as '1-2-4', got {value!r}") from None
+    return value
+
+
 class NoParams(Params):
     pass
 

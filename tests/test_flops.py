@@ -25,15 +25,6 @@ REFERENCE = {
 TOLERANCE = 0.02  # fvcore counts BN (2 per element) and not ReLU, and the bias of linears not at all
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Batch-1 CPU work on a shared 2-core box: a second intra-op thread mostly spins waiting (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("preset", [
     "msdnet-cifar-anytime", "msdnet-cifar-budget", "msdnet-imagenet-step4",
     pytest.param("msdnet-imagenet-step6", marks=pytest.mark.slow),

@@ -17,14 +17,6 @@ from methods.l2w import allocate_exits, target_probs
 load_all()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second OpenMP thread only adds spin-wait contention on the shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
 
 

@@ -16,15 +16,6 @@ from methods.distill import DistillParams, distill_loss
 load_all()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second OpenMP thread only adds spin-wait contention on the shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ChainNet(MultiExitNet):
     """K linear stages on a vector state, a linear head per stage (float64, no BN)."""
 

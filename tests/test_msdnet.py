@@ -30,15 +30,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Batch-1/2 CPU work on a shared 2-core box: a second intra-op thread mostly spins waiting (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name, options=None, num_classes=10, image_size=32, in_channels=3):
     return BACKBONES.build(name, options or {}, num_classes=num_classes, in_channels=in_channels,
                            image_size=image_size)

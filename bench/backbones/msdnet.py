@@ -29,7 +29,7 @@ from torch import nn
 
 from bench.backbones.contract import MultiExitNet
 from bench.errors import ConfigError
-from bench.registry import BACKBONES, Params
+from bench.registry import BACKBONES, Params, dashed_ints
 
 Factor = Annotated[int, Field(ge=1)]
 
@@ -57,13 +57,7 @@ class MSDNetParams(Params):
     @field_validator("grFactor", "bnFactor", mode="before")
     @classmethod
     def _dashed(cls, v):
-        # The reference's command line spells these "1-2-4"; accept that too.
-        if isinstance(v, str):
-            try:
-                return [int(part) for part in v.split("-")]
-            except ValueError:
-                raise ValueError("expected integers joined by '-' such as '1-2-4'") from None
-        return v
+        return dashed_ints(v)
 
     @field_validator("bnFactor")
     @classmethod

@@ -26,7 +26,7 @@ from torch import nn
 
 from bench.backbones.contract import MultiExitNet
 from bench.errors import ConfigError
-from bench.registry import BACKBONES, Params
+from bench.registry import BACKBONES, Params, dashed_ints
 
 
 class RANetParams(Params):
@@ -52,13 +52,7 @@ class RANetParams(Params):
     @field_validator("scale_list", "grFactor", "bnFactor", mode="before")
     @classmethod
     def _dashed(cls, v):
-        # The reference's command line spells these "1-2-3"; accept that too.
-        if isinstance(v, str):
-            try:
-                return [int(part) for part in v.split("-")]
-            except ValueError:
-                raise ValueError(f"expected integers joined by '-' such as '4-2-1', got {v!r}") from None
-        return v
+        return dashed_ints(v)
 
 
 def conv_bn_relu(n_in: int, n_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
