@@ -200,7 +200,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         optimizer, lambda it: lr_factor(cfg.schedule, min(it, total_steps - 1), total_steps, steps_per_epoch))
     method = dict(cfg.method)
     strategy = METHODS.build(method.pop("name"), method, model=model, optimizer=optimizer,
-                             total_steps=total_steps, device=device, amp=cfg.amp)
+                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp)
     loader_generator = bundle.train.generator
 
     run_dir.mkdir(parents=True, exist_ok=True)

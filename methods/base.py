@@ -28,14 +28,17 @@ class StepOutput:
 
 
 class Strategy:
-    """Subclasses implement `step`. `total_steps` is the number of `step` calls in the whole run."""
+    """Subclasses implement `step`. `total_steps` is the number of `step` calls in the whole run,
+    `steps_per_epoch` the number in one epoch (`step`'s `iteration` is global: epoch * steps_per_epoch + i)."""
 
     def __init__(self, params: BaseModel, model: MultiExitNet, optimizer: torch.optim.Optimizer, *,
-                 total_steps: int, device: torch.device | str = "cpu", amp: bool = False):
+                 total_steps: int, steps_per_epoch: int | None = None, device: torch.device | str = "cpu",
+                 amp: bool = False):
         self.params = params
         self.model = model
         self.optimizer = optimizer
         self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch or total_steps
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)

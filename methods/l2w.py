@@ -7,7 +7,7 @@ A trains and B is meta data, then B trains and A is meta data; two backbone step
    sample's detached per-exit losses (or max-softmax confidences, or both) and outputs t [n, K];
    w = 1 + eps * (t - mean t), the mean per exit over the batch (`row`), per sample over the exits (`col`)
    or over the whole matrix (`mat`). The training objective is sum_k mean_i w_ik * L_ik.
-2. Meta step (every `meta_interval` iterations, at iteration % interval == 0):
+2. Meta step (every `meta_interval` batches of an epoch, at i % interval == 0):
    pseudo update  theta_hat = theta - lr * step(g), g = grad_theta sum_k mean_i w_ik L_ik, with the real
    SGD's current lr, momentum buffer, dampening, nesterov and weight decay (L2W-DEN's MetaSGD, which is
    torch SGD's update: d = g + wd*theta; b = mu*buf + (1-dampening)*d, or b = d before the buffer exists;
@@ -28,8 +28,8 @@ Differences from the reference, none of which changes a number:
   off, so they use batch statistics and touch no buffer.
 - Ties in the exit allocation are broken by sample order (stable sort); the reference's unstable sort
   leaves their order unspecified.
-- `iteration` is the engine's global step index; the reference's `i` restarts every epoch, so with
-  meta_interval > 1 the meta steps fall on different iterations when an epoch is not a multiple of it.
+- The meta step runs where the batch index within the epoch is a multiple of meta_interval, as the
+  reference's `i % meta_interval == 0` (its `i` restarts every epoch).
 - An odd batch is split as the reference's `chunk(2)` splits it (ceil(n/2) trains first).
 
 The WPN gradient, `meta_grad`. Since g is linear in w, dL_meta/dw_ik = -(1/n) <a * v, grad_theta L_ik>
@@ -73,7 +73,7 @@ class L2WParams(Params):
     normalize: Literal["row", "col", "mat"] = Field(
         "col", description="mean removed per exit over the batch (row), per sample (col) or overall (mat)")
     target_p: int = Field(15, ge=1, le=39, description="meta target exit proportions ~ q^k, q = target_p / 20")
-    meta_interval: int = Field(1, ge=1, description="meta step at iterations where iteration % interval == 0")
+    meta_interval: int = Field(1, ge=1, description="meta step at batches i of an epoch with i % interval == 0")
     wpn_input: Literal["loss", "conf", "both"] = Field("loss", description="WPN input per sample (detached)")
     wpn_hidden: int = Field(500, ge=1, description="WPN hidden width")
     wpn_layers: int = Field(1, ge=1, description="WPN hidden layers")
@@ -381,7 +381,7 @@ class L2W(Strategy):
             raise UsageError(f"method l2w: a batch of {x.shape[0]} sample cannot be split into a training half "
                              f"and a meta half; use batch_size >= 2 (even)")
         (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)
-        meta_step = iteration % self.params.meta_interval == 0
+        meta_step = (iteration % self.steps_per_epoch) % self.params.meta_interval == 0
         outputs = [self._half(x1, y1, x2, y2, meta_step), self._half(x2, y2, x1, y1, meta_step)]
         self.wpn_scheduler.step()
         return combine(outputs)

@@ -30,10 +30,11 @@ def batch(n=8, classes=5, seed=1, dtype=torch.float64):
     return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
 
 
-def l2w(model, sgd=SGD, total_steps=10, **params):
+def l2w(model, sgd=SGD, total_steps=10, steps_per_epoch=None, **params):
     opt = torch.optim.SGD(model.parameters(), **sgd)
     torch.manual_seed(123)  # the WPN's init
-    return METHODS.build("l2w", params, model=model, optimizer=opt, total_steps=total_steps), opt
+    return METHODS.build("l2w", params, model=model, optimizer=opt, total_steps=total_steps,
+                         steps_per_epoch=steps_per_epoch), opt
 
 
 def model_state(model):
@@ -244,6 +245,15 @@ def test_meta_interval_and_wpn_schedule():
     assert all(torch.equal(a, b) for a, b in zip(after0, strategy.wpn.parameters()))
     # cosine from 1e-4 over 4 steps: after 2 steps 0.5 * 1e-4 * (1 + cos(pi / 2))
     assert strategy.wpn_optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)
+
+
+def test_meta_step_index_restarts_every_epoch():
+    # The reference tests `i % meta_interval == 0` with i the batch index within the epoch: with 3 batches
+    # per epoch and interval 2, meta steps at global steps 0, 2, 3, 5 (i = 0, 2 | 0, 2).
+    strategy, _ = l2w(tiny(), meta_interval=2, total_steps=6, steps_per_epoch=3)
+    x, y = batch()
+    metas = [step for step in range(6) if "meta_loss" in strategy.step(x, y, step).extras]
+    assert metas == [0, 2, 3, 5]
 
 
 def test_state_dict_round_trip_continues_identically():
