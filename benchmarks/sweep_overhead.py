@@ -99,15 +99,17 @@ def main() -> None:
     print(f"imports {imports:.2f} s, ray.init ({args.cpus} CPUs) {ray_start:.2f} s")
     seq_runs, par_runs, plain_seq, plain_par = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="exitbench-bench-") as storage:
-        for r in range(args.repeat):  # alternate the two modes; the best of each is the least disturbed
+        for r in range(args.repeat):  # interleave the modes (other load comes and goes); the best of each counts
             seq = sweep_config(f"sequential{r}", storage, args.trials, args.train_size, args.epochs, 1)
             par = sweep_config(f"parallel{r}", storage, args.trials, args.train_size, args.epochs, args.cpus)
             seq_runs.append(timed_sweep(seq))
             par_runs.append(timed_sweep(par))
-        ray.shutdown()  # the control runs without Ray's processes on the machine
-        for r in range(args.repeat if args.control else 0):
-            plain_seq.append(plain_pool(seq, 1, f"{storage}/plain{r}"))
-            plain_par.append(plain_pool(seq, args.cpus, f"{storage}/plain{r}"))
+            if args.control:  # Ray stays up but idle
+                plain_seq.append(plain_pool(seq, 1, f"{storage}/plain{r}"))
+                plain_par.append(plain_pool(seq, args.cpus, f"{storage}/plain{r}"))
+            print(f"round {r + 1}: Ray {seq_runs[-1][0]:.1f} s -> {par_runs[-1][0]:.1f} s"
+                  + (f", plain {plain_seq[-1]:.1f} s -> {plain_par[-1]:.1f} s" if args.control else ""), flush=True)
+        ray.shutdown()
 
     n = args.trials
     seq_wall, seq_trials = min(seq_runs)
