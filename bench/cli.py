@@ -12,7 +12,8 @@ from bench.errors import UsageError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + message by default)
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("exitbench").strip()  # main() already says "exitbench: error:"
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _cmd_list(args) -> int:
