@@ -22,6 +22,31 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture
+def check_contract():
+    """The multi-exit contract on one model: exit count, logit shapes, a backward pass that reaches every
+    parameter, and `forward(x, upto=k)` equal to the k-th output of the full forward (eval mode)."""
+    import torch.nn.functional as F
+
+    def check(model, image_size: int, exits: int, num_classes: int = 10):
+        assert model.num_exits == exits
+        x = torch.randn(2, 3, image_size, image_size)
+        outputs = model(x)
+        assert [tuple(o.shape) for o in outputs] == [(2, num_classes)] * exits
+        sum(F.cross_entropy(o, torch.tensor([1, 0])) for o in outputs).backward()
+        assert all(p.grad is not None for p in model.parameters())
+        assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
+        model.eval()
+        with torch.no_grad():
+            full = model(x)
+            for k in range(1, exits + 1):
+                truncated = model(x, upto=k)
+                assert len(truncated) == k
+                torch.testing.assert_close(truncated[-1], full[k - 1], rtol=0, atol=0)
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray (2 CPUs, no dashboard) shared by every test that asks for it; sweeps reuse it."""
