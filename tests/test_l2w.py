@@ -1,6 +1,7 @@
 """`l2w`: the uniform limit, the meta gradient against finite differences and an independent reference
 (deep copy + torch SGD step, as L2W-DEN does it), jvp = exact, the exit allocation, BN stats, checkpoints."""
 
+import contextlib
 import copy
 import io
 import math
@@ -12,7 +13,7 @@ from bench.backbones.tiny import TinyNet, TinyParams
 from bench.errors import ConfigError, UsageError
 from bench.registry import METHODS, load_all
 from methods.base import per_exit_ce
-from methods.l2w import allocate_exits, target_probs
+from methods.l2w import ConvPrimals, allocate_exits, target_probs
 
 load_all()
 
@@ -163,6 +164,8 @@ def test_wpn_gradient_matches_finite_differences_and_reference(sgd, warm, normal
 
 
 def test_jvp_equals_exact_and_fd_is_close():
+    """`jvp` as `step` runs it (conv primals recorded in the real forward and reused) and without the
+    recording (every primal recomputed): both equal `exact`."""
     model = tiny(seed=5)
     x, y = batch(seed=6)
     sgd = {**SGD, "nesterov": True}
@@ -170,14 +173,17 @@ def test_jvp_equals_exact_and_fd_is_close():
     per_exit_ce(model(x), y).mean(0).sum().backward()
     warm.step()
     found = {}
-    for mode in ("exact", "jvp", "finite_difference"):
+    for mode, record in (("exact", False), ("jvp", True), ("jvp", False), ("finite_difference", False)):
         strategy, opt = l2w(model, sgd=sgd, meta_grad=mode, wpn_input="both")
         opt.load_state_dict(warm.state_dict())
-        logits = model(x[:4])
+        with strategy._conv_primals.recording() if record else contextlib.nullcontext():
+            logits = model(x[:4])
         losses = per_exit_ce(logits, y[:4])
         grads, _ = strategy.wpn_gradient(strategy.wpn_features(logits, losses), losses, x[:4], y[:4], x[4:], y[4:])
-        found[mode] = torch.cat([g.flatten() for g in grads])
+        assert not strategy._conv_primals.outputs  # consumed by the jvp pass, never kept
+        found[mode + ("-recorded" if record else "")] = torch.cat([g.flatten() for g in grads])
     assert found["exact"].norm() > 0
+    torch.testing.assert_close(found["jvp-recorded"], found["exact"], rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(found["jvp"], found["exact"], rtol=1e-10, atol=1e-13)
     rel = (found["finite_difference"] - found["exact"]).norm() / found["exact"].norm()
     assert rel < 0.1  # an approximation (ReLU kinks inside the +-r band), not a match
@@ -346,3 +352,48 @@ def test_parameter_outside_the_loss_is_left_alone(meta_grad):
         if extra:
             assert torch.equal(model.unused, torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(found[0], found[1], rtol=1e-12, atol=1e-15)
+
+
+def test_conv_primals_reused_only_when_unchanged():
+    """The jvp pass takes each conv's primal from the recorded real forward and computes only its tangent
+    (bias included); a recorded output modified in place afterwards (conv -> ELU(inplace)) is recomputed.
+    Either way the tangent equals plain forward-mode AD."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 5, 3, stride=2), torch.nn.ELU(inplace=True),
+                              torch.nn.Flatten()).double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    direction = {k: torch.randn_like(v) for k, v in theta.items()}
+
+    def tangent():
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {k: fwAD.make_dual(theta[k], direction[k]) for k in theta}
+            return fwAD.unpack_dual(functional_call(net, duals, (x,))).tangent
+
+    expected = tangent()
+    primals = ConvPrimals(net)
+    first, second = primals.convs
+    with primals.recording():
+        net(x)
+    (out, version, _), = primals.outputs[first]
+    assert out._version == version and primals.outputs[second][0][0]._version != primals.outputs[second][0][1]
+    with primals.reused():
+        torch.testing.assert_close(tangent(), expected, rtol=1e-12, atol=1e-12)
+    assert not primals.outputs
+
+    # the recorded primal is what the pass uses: a wrong one (same version, same shape) changes the result
+    with primals.recording():
+        net(x)
+    wrong = primals.outputs[first][0][0] * 2
+    primals.outputs[first] = [(wrong, wrong._version, x.shape)]
+    with primals.reused():
+        assert not torch.allclose(tangent(), expected)
+    # ... and a recording of another batch size is not used
+    with primals.recording():
+        net(x[:2])
+    with primals.reused():
+        torch.testing.assert_close(tangent(), expected, rtol=1e-12, atol=1e-12)
