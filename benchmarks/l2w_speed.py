@@ -1,7 +1,7 @@
 """Seconds per training iteration: `uniform` against `l2w` with each meta-gradient mode, and peak memory.
 
     .venv/bin/python benchmarks/l2w_speed.py                      # msdnet-cifar-budget, batch 64 and 128
-    .venv/bin/python benchmarks/l2w_speed.py --backbone tiny --batch 32 --rounds 3
+    .venv/bin/python benchmarks/l2w_speed.py --batch 64 --modes uniform jvp --repeats 5
 
 The issue's setting: 2 torch threads, random 32x32 inputs, 100 classes, meta_interval 1, SGD (lr 0.1,
 momentum 0.9, weight decay 1e-4). One l2w iteration is both halves (two backbone steps, two meta steps).
@@ -9,12 +9,13 @@ Reference figures on this kind of machine (L2W-DEN's train(), a fresh network co
 1.79 s vs 0.30 s uniform at batch 64 (5.9x), 3.14 s vs 0.62 s at batch 128 (5.0x), ~1.4 GB peak RSS.
 Goal: <= 3.5x uniform at batch 64 with exact or jvp, peak RSS no higher than the reference's.
 
-Timing: one process holds every method (each its own copy of the same initial network) and steps them in
-turn, one iteration each per round, so load from other processes on a shared machine falls on all of them
-alike; the figure is the fastest round (min), the median is printed too. Wall and process-CPU seconds are
-both reported: CPU time / threads is less sensitive to other load, but includes OpenMP spin-waiting.
-Memory: each method runs alone in a fresh process (peak RSS = getrusage ru_maxrss, which includes the
-interpreter and torch, as the reference's figure does).
+Protocol: every method runs alone in a fresh process, as a training run would (methods sharing a process
+change each other's speed through the allocator by 10-20 %). The processes alternate, method after method,
+for --repeats repetitions, so drift in the machine's speed falls on all methods alike. A process times
+--rounds iterations after --warmup and reports its fastest, and its peak RSS (getrusage ru_maxrss, which
+includes the interpreter and torch, as the reference's figure does). Printed per method: the median over
+repetitions of the fastest iteration, its ratio to uniform's, the median of the ratios within a repetition
+(adjacent processes), the range of those ratios, and the largest peak RSS.
 """
 
 from __future__ import annotations
@@ -54,44 +55,29 @@ def batches(batch: int, classes: int):
             for _ in range(2)]
 
 
-def child_time(args) -> dict:
+def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    rounds = args.warmup + args.rounds
-    strategies = {mode: build(args.backbone, mode, args.classes, rounds) for mode in args.modes}
-    data = batches(args.batch[0], args.classes)
-    wall: dict[str, list[float]] = {m: [] for m in args.modes}
-    cpu: dict[str, list[float]] = {m: [] for m in args.modes}
-    for it in range(rounds):
+    strategy = build(args.backbone, args.mode, args.classes, args.warmup + args.rounds)
+    data = batches(args.batch, args.classes)
+    wall = []
+    for it in range(args.warmup + args.rounds):
         x, y = data[it % 2]
-        for mode, strategy in strategies.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            strategy.step(x, y, it)
-            if it >= args.warmup:
-                wall[mode].append(time.perf_counter() - t0)
-                cpu[mode].append((time.process_time() - c0) / args.threads)
-    return {m: {"min_s": min(wall[m]), "median_s": statistics.median(wall[m]), "cpu_s": min(cpu[m])}
-            for m in args.modes}
-
-
-def child_memory(args) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    strategy = build(args.backbone, args.modes[0], args.classes, 2)
-    for it, (x, y) in enumerate(batches(args.batch[0], args.classes)):
+        t0 = time.perf_counter()
         strategy.step(x, y, it)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+        if it >= args.warmup:
+            wall.append(time.perf_counter() - t0)
+    return {"min_s": min(wall), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(args, kind: str, modes: list[str], batch: int) -> dict | None:
-    cmd = [sys.executable, __file__, f"--child-{kind}", "--backbone", args.backbone, "--modes", *modes, "--batch",
-           str(batch), "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads", str(args.threads),
+def run_child(args, mode: str, batch: int) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--backbone", args.backbone, "--batch", str(batch),
+           "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--classes", str(args.classes)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        print(f"  {kind} run of {' '.join(modes)} failed:\n{out.stderr[-2000:]}")
+        print(f"  the run of {mode} failed:\n{out.stderr[-2000:]}")
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -101,38 +87,45 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backbone", default="msdnet-cifar-budget")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    ap.add_argument("--rounds", type=int, default=5, help="timed iterations per method")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per method, alternated")
+    ap.add_argument("--rounds", type=int, default=3, help="timed iterations per process")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-method peak-RSS runs")
-    ap.add_argument("--child-time", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child_time or args.child_memory:
-        print(json.dumps(child_time(args) if args.child_time else child_memory(args)))
+    if args.child:
+        args.batch = args.batch[0]
+        print(json.dumps(child(args)))
         return
 
     print(f"backbone {args.backbone}, {args.threads} threads, {args.classes} classes, 32x32 random inputs, "
-          f"meta_interval 1; {args.rounds} interleaved rounds after {args.warmup} warm-up")
+          f"meta_interval 1; {args.repeats} alternated processes per method, each the fastest of {args.rounds} "
+          f"iterations after {args.warmup} warm-up")
     for batch in args.batch:
-        times = run_child(args, "time", args.modes, batch)
-        if times is None:
-            continue
-        memory = {} if args.no_memory else {m: run_child(args, "memory", [m], batch) for m in args.modes}
-        base = times.get("uniform")
-        print(f"\nbatch {batch}  (s/iteration: fastest round; x: ratio to uniform)")
-        print(f"  {'method':<22}{'wall s':>9}{'x':>7}{'median':>9}{'cpu s/thr':>11}{'x':>7}{'peak RSS MB':>13}")
-        for mode, t in times.items():
+        runs: dict[str, list[dict | None]] = {m: [] for m in args.modes}
+        for _ in range(args.repeats):
+            for mode in args.modes:
+                runs[mode].append(run_child(args, mode, batch))
+        base = runs.get("uniform")
+        print(f"\nbatch {batch}  (s: median over processes of the fastest iteration; x: its ratio to uniform's; "
+              f"x/pair: median [range] of the ratios to the adjacent uniform process)")
+        print(f"  {'method':<22}{'s/iter':>9}{'x':>7}{'x/pair':>9}  {'range':<13}{'peak RSS MB':>11}")
+        uniform_s = statistics.median(r["min_s"] for r in base if r) if base and any(base) else None
+        for mode, results in runs.items():
+            done = [r for r in results if r]
+            if not done:
+                continue
+            seconds = statistics.median(r["min_s"] for r in done)
             name = "uniform" if mode == "uniform" else f"l2w {mode}"
-            ratio = f"{t['min_s'] / base['min_s']:.2f}" if base else "-"
-            cpu_ratio = f"{t['cpu_s'] / base['cpu_s']:.2f}" if base else "-"
-            rss = (memory.get(mode) or {}).get("peak_rss_mb")
-            rss_text = f"{rss:.0f}" if rss else "-"
-            print(f"  {name:<22}{t['min_s']:>9.3f}{ratio:>7}{t['median_s']:>9.3f}{t['cpu_s']:>11.3f}{cpu_ratio:>7}"
-                  f"{rss_text:>13}")
+            ratio = f"{seconds / uniform_s:.2f}" if uniform_s else "-"
+            pairs = [r["min_s"] / u["min_s"] for r, u in zip(results, base or []) if r and u]
+            pair = f"{statistics.median(pairs):.2f}" if pairs else "-"
+            spread = f"[{min(pairs):.2f}, {max(pairs):.2f}]" if pairs else ""
+            rss = max(r["peak_rss_mb"] for r in done)
+            print(f"  {name:<22}{seconds:>9.3f}{ratio:>7}{pair:>9}  {spread:<13}{rss:>11.0f}")
         sys.stdout.flush()
-
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ from bench.backbones.tiny import TinyNet, TinyParams
 from bench.errors import ConfigError, UsageError
 from bench.registry import METHODS, load_all
 from methods.base import per_exit_ce
-from methods.l2w import ConvPrimals, allocate_exits, target_probs
+from methods.l2w import FastJvp, allocate_exits, running_stats_frozen, target_probs
 
 load_all()
 
@@ -176,11 +176,11 @@ def test_jvp_equals_exact_and_fd_is_close():
     for mode, record in (("exact", False), ("jvp", True), ("jvp", False), ("finite_difference", False)):
         strategy, opt = l2w(model, sgd=sgd, meta_grad=mode, wpn_input="both")
         opt.load_state_dict(warm.state_dict())
-        with strategy._conv_primals.recording() if record else contextlib.nullcontext():
+        with strategy._fast_jvp.recording() if record else contextlib.nullcontext():
             logits = model(x[:4])
         losses = per_exit_ce(logits, y[:4])
         grads, _ = strategy.wpn_gradient(strategy.wpn_features(logits, losses), losses, x[:4], y[:4], x[4:], y[4:])
-        assert not strategy._conv_primals.outputs  # consumed by the jvp pass, never kept
+        assert not strategy._fast_jvp.outputs  # consumed by the jvp pass, never kept
         found[mode + ("-recorded" if record else "")] = torch.cat([g.flatten() for g in grads])
     assert found["exact"].norm() > 0
     torch.testing.assert_close(found["jvp-recorded"], found["exact"], rtol=1e-10, atol=1e-13)
@@ -354,13 +354,10 @@ def test_parameter_outside_the_loss_is_left_alone(meta_grad):
     torch.testing.assert_close(found[0], found[1], rtol=1e-12, atol=1e-15)
 
 
-def test_conv_primals_reused_only_when_unchanged():
+def test_fast_jvp_conv_primals_reused_only_when_unchanged():
     """The jvp pass takes each conv's primal from the recorded real forward and computes only its tangent
     (bias included); a recorded output modified in place afterwards (conv -> ELU(inplace)) is recomputed.
     Either way the tangent equals plain forward-mode AD."""
-    import torch.autograd.forward_ad as fwAD
-    from torch.func import functional_call
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                               torch.nn.Conv2d(4, 5, 3, stride=2), torch.nn.ELU(inplace=True),
@@ -368,32 +365,81 @@ def test_conv_primals_reused_only_when_unchanged():
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
     theta = {k: v.detach() for k, v in net.named_parameters()}
     direction = {k: torch.randn_like(v) for k, v in theta.items()}
-
-    def tangent():
-        with torch.no_grad(), fwAD.dual_level():
-            duals = {k: fwAD.make_dual(theta[k], direction[k]) for k in theta}
-            return fwAD.unpack_dual(functional_call(net, duals, (x,))).tangent
-
-    expected = tangent()
-    primals = ConvPrimals(net)
-    first, second = primals.convs
-    with primals.recording():
+    expected = dual_output(net, theta, direction, x)
+    fast = FastJvp(net)
+    first, second = fast.convs
+    with fast.recording():
         net(x)
-    (out, version, _), = primals.outputs[first]
-    assert out._version == version and primals.outputs[second][0][0]._version != primals.outputs[second][0][1]
-    with primals.reused():
-        torch.testing.assert_close(tangent(), expected, rtol=1e-12, atol=1e-12)
-    assert not primals.outputs
+    (out, version, _), = fast.outputs[first]
+    assert out._version == version and fast.outputs[second][0][0]._version != fast.outputs[second][0][1]
+    with fast.active():
+        torch.testing.assert_close(dual_output(net, theta, direction, x), expected, rtol=1e-12, atol=1e-12)
+    assert not fast.outputs
 
     # the recorded primal is what the pass uses: a wrong one (same version, same shape) changes the result
-    with primals.recording():
+    with fast.recording():
         net(x)
-    wrong = primals.outputs[first][0][0] * 2
-    primals.outputs[first] = [(wrong, wrong._version, x.shape)]
-    with primals.reused():
-        assert not torch.allclose(tangent(), expected)
+    wrong = fast.outputs[first][0][0] * 2
+    fast.outputs[first] = [(wrong, wrong._version, x.shape)]
+    with fast.active():
+        assert not torch.allclose(dual_output(net, theta, direction, x), expected)
     # ... and a recording of another batch size is not used
-    with primals.recording():
+    with fast.recording():
         net(x[:2])
-    with primals.reused():
-        torch.testing.assert_close(tangent(), expected, rtol=1e-12, atol=1e-12)
+    with fast.active():
+        torch.testing.assert_close(dual_output(net, theta, direction, x), expected, rtol=1e-12, atol=1e-12)
+
+
+def dual_output(net, theta, direction, x):
+    """Forward-mode tangent of net(x) along `direction`, BatchNorm on batch statistics (as the jvp pass)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    with torch.no_grad(), fwAD.dual_level(), running_stats_frozen(net):
+        duals = {k: fwAD.make_dual(theta[k], direction[k]) for k in theta if k in direction}
+        duals.update({k: v for k, v in theta.items() if k not in direction})
+        return fwAD.unpack_dual(functional_call(net, duals, (x,))).tangent
+
+
+@pytest.mark.parametrize("norm,shape", [(torch.nn.BatchNorm2d(4), (5, 4, 3, 3)), (torch.nn.BatchNorm1d(4), (6, 4)),
+                                        (torch.nn.BatchNorm2d(4, affine=False), (5, 4, 3, 3)),
+                                        (torch.nn.BatchNorm1d(4, track_running_stats=False), (6, 4, 2))])
+@pytest.mark.parametrize("tangents", ["all", "input only", "weights only"])
+def test_fast_jvp_batchnorm_tangent_equals_forward_ad(norm, shape, tangents):
+    """The BatchNorm shortcut (native backward kernel for the input part) against torch's forward-mode rule,
+    and torch's own rule kept where running statistics are in play (eval mode)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Identity(), norm).double()
+    if norm.affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+    x = torch.randn(shape, dtype=torch.float64)
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    direction = {k: torch.randn_like(v) for k, v in theta.items()} if tangents != "input only" else {}
+    x_t = torch.randn_like(x) if tangents != "weights only" else None
+
+    def run(fast):
+        import torch.autograd.forward_ad as fwAD
+        from torch.func import functional_call
+
+        with torch.no_grad(), fwAD.dual_level(), running_stats_frozen(net), \
+                fast.active() if fast else contextlib.nullcontext():
+            params = {k: fwAD.make_dual(v, direction[k]) if k in direction else v for k, v in theta.items()}
+            inp = x if x_t is None else fwAD.make_dual(x, x_t)
+            out = functional_call(net, params, (inp,))
+            primal, tangent = fwAD.unpack_dual(out)
+            return primal, tangent
+
+    if not direction and x_t is None:
+        pytest.skip("a BatchNorm without affine parameters has no weight tangents")
+    plain, fast = run(None), run(FastJvp(net))
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
+    if plain[1] is None:
+        assert fast[1] is None
+    else:
+        torch.testing.assert_close(fast[1], plain[1], rtol=1e-10, atol=1e-12)
+    net.eval()  # running statistics: the shortcut steps aside
+    plain, fast = run(None), run(FastJvp(net))
+    if plain[1] is not None:
+        torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-12)
