@@ -11,9 +11,22 @@ from bench.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
+    _intermixed = False
+
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + message by default)
         command = self.prog.removeprefix("exitbench").strip()  # main() already says "exitbench: error:"
         raise UsageError(f"{command}: {message}" if command else message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """A command's KEY=VALUE overrides may come before or after its flags (`flops tiny --json widths=8-16`):
+        leaf parsers parse intermixed (argparse's own mode, which refuses parsers that hold subcommands)."""
+        if self._intermixed or any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
 
 
 def _cmd_list(args) -> int:

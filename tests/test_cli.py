@@ -56,3 +56,13 @@ def test_console_script_help_and_exit_status():
     done = subprocess.run([sys.executable, "-m", "bench", "config", "show", "/nonexistent.yaml"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_overrides_may_follow_flags(run_cli):
+    """KEY=VALUE overrides before or after a command's flags give the same result; unknown flags still exit 2."""
+    code, before, _ = run_cli("flops", "tiny", "widths=[8,16]", "--json")
+    assert code == 0
+    code, after, _ = run_cli("flops", "tiny", "--json", "widths=[8,16]")
+    assert code == 0 and json.loads(after) == json.loads(before) and len(json.loads(after)["exits"]) == 2
+    code, out, err = run_cli("flops", "tiny", "--json", "--bogus")
+    assert code == 2 and out == "" and "unrecognized arguments: --bogus" in err and err.count("\n") == 1
