@@ -38,13 +38,16 @@ momentum buffer exists, times (1 + mu * .) with nesterov; momentum and weight-de
 w). The chain rule to phi then runs through the normalisation and the WPN by ordinary backprop.
 - `exact` (default): reverse over reverse through the differentiable pseudo step, as the reference does.
 - `jvp`: the same numbers from one forward-mode pass (dual tensors, torch.autograd.forward_ad; what
-  torch.func.jvp computes) of the per-sample losses of the training half along a * v.
+  torch.func.jvp computes) of the per-sample losses of the training half along a * v. That pass reuses
+  the real forward's conv outputs as primals and takes BatchNorm tangents from the native backward kernel
+  (`FastJvp`), so it costs about two forwards.
 - `finite_difference`: the directional derivative from two extra forwards at theta +- r * a * v,
   r = fd_radius / ||a * v|| (DARTS-style). An approximation: O(r^2) error, more where ReLU kinks fall
   inside the +-r band (~2 % relative on a tiny test net), plus float round-off.
-Recommended: `jvp` (equal to `exact` to float precision, ~20 % faster and lighter: PyTorch's CPU conv double
+Recommended: `jvp` (equal to `exact` to float precision, ~25 % faster and lighter: PyTorch's CPU conv double
 backward also computes the second-order input and weight gradients that nothing asks for).
-`benchmarks/l2w_speed.py` prints the figures.
+Cost per half, in forwards F of the half batch: F (real) + B (pseudo gradient) + F + B (meta half) + ~2F
+(jvp) + B (real step), B ~ 1.6F; `benchmarks/l2w_speed.py` prints the figures.
 """
 
 from __future__ import annotations
