@@ -227,7 +227,8 @@ def aggregate(runs: pd.DataFrame, metrics: pd.DataFrame, exits: pd.DataFrame) ->
     for key, g in per_trial.groupby(KEYS, sort=True):
         done = g[g["status"] == "finished"]
         row = dict(zip(KEYS, key))
-        row.update(label=g["label"].iloc[0], seeds=len(done), failed=int((g["status"] != "finished").sum()),
+        row.update(label=g["label"].iloc[0], seeds=len(done), failed=int((g["status"] == "failed").sum()),
+                   stopped=int((g["status"] == "stopped").sum()),
                    repeated=len(done) - done["seed"].nunique(),
                    calibration=",".join(sorted(set(g["calibration"].astype(str)))),
                    counter=",".join(sorted(set(done["counter"].dropna().astype(str)))),
@@ -329,8 +330,14 @@ def panels(df: pd.DataFrame):
     return df.groupby(["dataset", "backbone"], sort=True) if len(df) else []
 
 
+def seeds_text(r) -> str:
+    """Finished seeds, and the trials of the group that failed or that the scheduler stopped early."""
+    extra = [f"+{r[k]} {k}" for k in ("failed", "stopped") if r.get(k)]
+    return f"{r['seeds']}" + (f" ({', '.join(extra)})" if extra else "")
+
+
 def main_rows(g: pd.DataFrame) -> list[list[str]]:
-    return [[marked(r), f"{r['seeds']}" + (f" (+{r['failed']} failed)" if r["failed"] else ""),
+    return [[marked(r), seeds_text(r),
              *(fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("last_acc", *(f"acc_at_{f}" for f in FRACTIONS),
                                                           "auc", "best_acc"))]
             for _, r in g.iterrows()]
@@ -341,9 +348,11 @@ MAIN_HEADER = ["method", "seeds", "last exit", *(f"acc@{f} %" for f in FRACTIONS
 
 def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.DataFrame, exits: pd.DataFrame,
                     baseline: str, baseline_note: str | None, speedup_acc: float | None) -> str:
-    n_failed = int((runs["status"] != "finished").sum())
+    n_failed, n_stopped = int((runs["status"] == "failed").sum()), int((runs["status"] == "stopped").sum())
+    stopped = f", {n_stopped} stopped early by the scheduler" if n_stopped else ""
     out = [f"# Results: {name}", "",
-           f"{len(runs)} trials: {len(runs) - n_failed} finished, {n_failed} failed. Top-1 accuracy in %, "
+           f"{len(runs)} trials: {int((runs['status'] == 'finished').sum())} finished, {n_failed} failed{stopped}. "
+           "Top-1 accuracy in %, "
            "mean ± std over seeds (95 % t-intervals in `table.csv`). acc@X %: budgeted accuracy at X % of the "
            "last exit's MACs; AUC: mean budgeted accuracy from exit-1 to last-exit MACs; best: best budgeted "
            "accuracy; — : no finished trial, or a budget below the first exit's MACs.", ""]
@@ -365,7 +374,7 @@ def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.D
                                                 r.get(f"exit{k}_top1_std", math.nan)) for k in ks)]
                               for _, r in g.iterrows()]), ""]
         out += comparison_markdown(comp, dataset, backbone, baseline, baseline_note, speedup_acc)
-    failed = runs[runs["status"] != "finished"]
+    failed = runs[runs["status"] == "failed"]
     out += ["## Failed trials", ""]
     if failed.empty:
         out += ["None.", ""]
@@ -452,7 +461,7 @@ def leaderboard_markdown(agg: pd.DataFrame, metric: str, title: str) -> str:
             m, ci = r[f"{metric}_mean"], r[f"{metric}_ci"]
             rows.append([str(rank) if np.isfinite(m) else "–", marked(r), fmt(m, r[f"{metric}_std"]),
                          "—" if not np.isfinite(ci) else f"[{m - ci:.2f}, {m + ci:.2f}]",
-                         f"{r['seeds']}" + (f" (+{r['failed']} failed)" if r["failed"] else ""),
+                         seeds_text(r),
                          *(fmt(r[f"{k}_mean"], r[f"{k}_std"]) for k in ("last_acc", "auc", "best_acc") if k != metric),
                          *([r["sources"]] if "sources" in r else [])])
         others = [METRICS[k] for k in ("last_acc", "auc", "best_acc") if k != metric]
@@ -674,7 +683,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, baseline:
         ("table.csv", _csv(agg)),
         ("table.tex", report_latex(agg)),
         ("comparison.csv", _csv(comp)),
-        ("failed.csv", _csv(runs.loc[runs["status"] != "finished",
+        ("failed.csv", _csv(runs.loc[runs["status"] == "failed",
                                       ["trial_id", "dataset", "backbone", "method", "variant", "seed", "error"]])),
         ("leaderboard.md", leaderboard_markdown(agg, metric, name)),
     ):

@@ -5,7 +5,8 @@ trial per table (`<sweep>/store/<table>/<trial_id>.parquet`), each written atomi
 rename), so concurrent trials never share a file and a killed trial never leaves a half file.
 `load(sweep_dir)` concatenates them into DataFrames:
 
-- runs:    one row per trial: flattened config (`method.name`, `optim.lr`, ...), seed, status, error,
+- runs:    one row per trial: flattened config (`method.name`, `optim.lr`, ...), seed, status (finished,
+           failed, or stopped early by the scheduler), error,
            wall time, images/s, versions, git commit, calibration split, MAC counter
 - exits:   one row per trial x exit: top1, top5, macs, params
 - budgets: one row per trial x budget: p, test_acc, val_acc, expected_macs, exit_fractions, thresholds
@@ -30,7 +31,7 @@ TABLES = ("runs", "exits", "budgets", "epochs")
 class ResultRecord(BaseModel):
     trial_id: str
     sweep: str | None = None
-    status: Literal["finished", "failed"] = "finished"
+    status: Literal["finished", "failed", "stopped"] = "finished"  # stopped: ended early by the scheduler (ASHA)
     error: str | None = None
     config: dict[str, Any]
     seed: int

@@ -301,11 +301,11 @@ class StoreCallback(tune.Callback):
         seconds = sum(e.get("time_s", 0.0) for e in epochs)
         images = sum(e.get("time_s", 0.0) * e.get("images_per_s", 0.0) for e in epochs)
         store.write(ResultRecord(
-            trial_id=trial.trial_id, sweep=self.sweep_name, status="finished", config=raw,
+            trial_id=trial.trial_id, sweep=self.sweep_name, status="stopped", config=raw,
             seed=int(raw.get("seed", 0)), versions=package_versions(), git_commit=git_commit(),
             wall_time_s=float(trial.last_result.get("time_total_s", 0.0)),
             train_images_per_s=images / seconds if seconds else 0.0, epochs=epochs,
-            summary={"stopped_early": True, "epochs_trained": len(epochs)}))
+            summary={"epochs_trained": len(epochs)}))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         store = Store(self.sweep_dir)
@@ -517,11 +517,11 @@ def _outcome(grid, sweep: SweepConfig, sweep_dir: str) -> Outcome:
         record = store.read(tid)
         if result.error is None and record is None:
             out.unfinished += 1
-        elif result.error is not None or record is None or record["status"] != "finished":
+        elif result.error is None and record["status"] == "stopped":
+            out.stopped += 1
+        elif result.error is not None or record["status"] != "finished":
             error = (record or {}).get("error") or _last_line(str(result.error)) or "no result record was stored"
             out.failed.append((tid, label, error, str(result.path)))
-        elif record.get("summary", {}).get("stopped_early"):
-            out.stopped += 1
         else:
             out.finished += 1
     return out
@@ -591,10 +591,9 @@ def _fit(sweep: SweepConfig, sweep_dir: str, address: str | None, quiet: bool, r
 
 
 def _print_summary(outcome: Outcome) -> None:
-    parts = [f"{outcome.finished} finished"]
+    parts = [f"{outcome.finished} finished", f"{len(outcome.failed)} failed"]
     if outcome.stopped:
         parts.append(f"{outcome.stopped} stopped early by ASHA")
-    parts.append(f"{len(outcome.failed)} failed")
     if outcome.unfinished:
         parts.append(f"{outcome.unfinished} unfinished")
     print(f"sweep: {outcome.trials} trials: {', '.join(parts)}")

@@ -76,6 +76,32 @@ def test_failing_trial_is_recorded_and_others_finish(ray_session, run_cli, tmp_p
     assert runs.loc[float("inf"), "error"].startswith("TrainingDiverged: loss is nan at epoch 1")
 
 
+@pytest.mark.slow
+def test_asha_stopped_trials_are_stored_as_stopped(ray_session, run_cli, tmp_path):
+    """One trial at a time, learning rates best first: ASHA (grace 1, factor 2, 3 epochs) stops the trial
+    with lr 1e-6 at its first rung, below the others' median training loss. It is stored as `stopped` with
+    the epochs it trained, and the report counts it neither as a seed nor as a failure."""
+    from bench.report import build_report
+
+    path = sweep_file(tmp_path, "asha", base=dict(TINY, epochs=3), grid={"optim.lr": [0.2, 0.1, 1e-6]}, seeds=[0],
+                      max_concurrent=1, search={"scheduler": "asha", "metric": "loss", "mode": "min"})
+    code, out, err = run_cli("sweep", path, "--quiet")
+    assert code == 0, out + err
+    runs = results.load(tmp_path / "runs" / "asha").runs.set_index("config.optim.lr")
+    assert runs.loc[1e-6, "status"] == "stopped" and pd_isna(runs.loc[1e-6, "error"])
+    assert runs.loc[0.2, "status"] == "finished"
+    stopped = int((runs["status"] == "stopped").sum())
+    assert f"3 trials: {3 - stopped} finished, 0 failed, {stopped} stopped early by ASHA" in out
+    epochs = results.load(tmp_path / "runs" / "asha").epochs
+    trained = epochs[epochs["trial_id"] == runs.loc[1e-6, "trial_id"]]["epoch"].tolist()
+    assert 1 <= len(trained) < 3
+    build_report(tmp_path / "runs" / "asha", tmp_path / "report", plots=False)
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert f"3 trials: {3 - stopped} finished, 0 failed, {stopped} stopped early by the scheduler" in table
+    assert "(+1 stopped)" in table and "failed)" not in table
+    assert (tmp_path / "report" / "failed.csv").read_text().count("\n") <= 1  # the header only
+
+
 def pd_isna(value) -> bool:
     import pandas as pd
 
