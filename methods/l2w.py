@@ -238,14 +238,11 @@ class FastJvp:
             else:  # J^T t = J t: gamma * invstd * (t - mean(t) - x_hat * mean(t * x_hat))
                 tangent = torch.ops.aten.native_batch_norm_backward(
                     x_t, x_p, w_p, None, None, mean, invstd, True, module.eps, [True, False, False])[0]
-            if w_t is not None or b_t is not None:  # x_hat * t_w + t_b = x * (invstd t_w) + (t_b - mean invstd t_w)
-                scale = invstd * w_t if w_t is not None else None
-                shift = -mean * scale if scale is not None else torch.zeros_like(mean)
-                if b_t is not None:
-                    shift = shift + b_t
-                if scale is not None:
-                    tangent.addcmul_(x_p, scale.view(shape))
-                tangent.add_(shift.view(shape))
+            if w_t is not None:  # x_hat * t_w = x * (invstd t_w) - mean * (invstd t_w)
+                scale = (invstd * w_t).view(shape)
+                tangent.addcmul_(x_p, scale).sub_(mean.view(shape) * scale)
+            if b_t is not None:
+                tangent.add_(b_t.view(shape))
             return fwAD.make_dual(out, tangent)
 
         return forward
