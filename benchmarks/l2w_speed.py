@@ -82,16 +82,32 @@ def run_child(args, mode: str, batch: int) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, no usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low (one line and exit 2 otherwise)."""
+    def parse(text: str) -> int:
+        value = int(text) if text.lstrip("-").isdigit() else None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineErrors(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="msdnet-cifar-budget")
-    ap.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--batch", type=at_least(2), nargs="+", default=[64, 128])
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per method, alternated")
-    ap.add_argument("--rounds", type=int, default=3, help="timed iterations per process")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="fresh processes per method, alternated")
+    ap.add_argument("--rounds", type=at_least(1), default=3, help="timed iterations per process")
+    ap.add_argument("--warmup", type=at_least(0), default=1)
+    ap.add_argument("--threads", type=at_least(1), default=2)
+    ap.add_argument("--classes", type=at_least(2), default=100)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -99,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         args.batch = args.batch[0]
         print(json.dumps(child(args)))
         return
+    from bench.registry import BACKBONES, load_all
+
+    load_all()
+    if args.backbone not in BACKBONES:
+        ap.error(f"--backbone {args.backbone!r} is not registered; one of {', '.join(BACKBONES.all_names())}")
 
     print(f"backbone {args.backbone}, {args.threads} threads, {args.classes} classes, 32x32 random inputs, "
           f"meta_interval 1; {args.repeats} alternated processes per method, each the fastest of {args.rounds} "

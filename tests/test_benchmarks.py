@@ -1,0 +1,22 @@
+"""Benchmark scripts: bad arguments are one line on stderr and exit 2, before any timing starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "l2w_speed.py"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "--rounds: expected an integer >= 1, got '0'"),
+    (["--batch", "1"], "--batch: expected an integer >= 2, got '1'"),
+    (["--threads", "two"], "--threads: expected an integer >= 1, got 'two'"),
+    (["--modes", "fast"], "--modes: invalid choice: 'fast'"),
+    (["--backbone", "nope"], "--backbone 'nope' is not registered; one of msdnet"),
+])
+def test_l2w_speed_bad_arguments(args, message):
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
