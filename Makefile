@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+# Fashion-MNIST (the leaderboard's data): Debian's dataset-fashion-mnist, installed when root and the files are missing.
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data:
+	@if [ -f $(FMNIST) ]; then echo "fashion-mnist: found in $(dir $(FMNIST))"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "fashion-mnist: missing; as root: apt-get install -y dataset-fashion-mnist" >&2; exit 2; fi
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check bench methods tests benchmarks

@@ -164,6 +164,10 @@ def _leaderboard(sub):
     p.add_argument("sweep_dirs", nargs="+", metavar="DIR", help="sweep folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--metric", default="auc", help="ranking metric (default auc)")
+    p.add_argument("--published", action="append", default=None, metavar="CSV",
+                   help="published numbers to show as cited rows, never in statistics: a CSV file or a folder "
+                        "of them (columns method,dataset,backbone,metric,values,epochs,source; "
+                        "e.g. results/published); repeatable")
 
     def run(args):
         from bench.report import cli_leaderboard

@@ -427,7 +427,8 @@ def _fmnist_folder(root: Path, download: bool) -> tuple[Path, list[Path]]:
         return _fmnist_folder(root, False)
     looked = ", ".join(_where(c) for c in candidates)
     raise UsageError(f"fashion-mnist: IDX files ({', '.join(_FMNIST_FILES)}, gzipped or not) not found in {looked}; "
-                     f"set data.root=DIR, data.download=true, or install Debian's dataset-fashion-mnist")
+                     f"get them with `make data` (as root: apt-get install -y dataset-fashion-mnist), or set "
+                     f"data.root=DIR or data.download=true")
 
 
 def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:

@@ -696,8 +696,14 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, baseline:
     return written
 
 
-def build_leaderboard(sweep_dirs: list[str], out: str | Path, metric: str = "auc") -> list[Path]:
+def build_leaderboard(sweep_dirs: list[str], out: str | Path, metric: str = "auc",
+                      published: list[str] | None = None) -> list[Path]:
+    """One leaderboard of several sweeps; `published` CSV files (or folders of them) add cited rows below,
+    labelled and kept out of every statistic (bench.published)."""
     _check_metric(metric)
+    from bench import published as published_mod
+
+    cited = published_mod.read_all(published) if published else []
     tables, name = load_runs([str(d) for d in sweep_dirs])
     runs = tables.runs
     metrics, _ = trial_metrics(tables)
@@ -706,7 +712,10 @@ def build_leaderboard(sweep_dirs: list[str], out: str | Path, metric: str = "auc
     agg["sources"] = [sources[tuple(r[k] for k in KEYS)] for _, r in agg.iterrows()]
     out = _out_dir(out)
     written = [out / "leaderboard.md", out / "leaderboard.csv"]
-    results.atomic_write_text(written[0], leaderboard_markdown(agg, metric, name))
+    text = leaderboard_markdown(agg, metric, name)
+    if cited:
+        text = text.rstrip("\n") + "\n\n" + published_mod.markdown(cited)
+    results.atomic_write_text(written[0], text)
     results.atomic_write_text(written[1], _csv(agg))
     return written
 
@@ -721,6 +730,6 @@ def cli_report(args) -> int:
 
 
 def cli_leaderboard(args) -> int:
-    written = build_leaderboard(args.sweep_dirs, args.out, args.metric)
+    written = build_leaderboard(args.sweep_dirs, args.out, args.metric, getattr(args, "published", None))
     print(f"leaderboard of {len(args.sweep_dirs)} sweep(s): {', '.join(str(p) for p in written)}")
     return 0

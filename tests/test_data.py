@@ -221,7 +221,7 @@ def test_fashion_mnist_reads_idx_files_gz_or_not(tmp_path, suffix):
 
 def test_fashion_mnist_missing_files(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIRS", [tmp_path / "nowhere"])
-    with pytest.raises(UsageError, match="data.root=DIR, data.download=true, or install Debian"):
+    with pytest.raises(UsageError, match=r"`make data` \(as root: apt-get install -y dataset-fashion-mnist\)"):
         splits("fashion-mnist", root=str(tmp_path))
 
 
