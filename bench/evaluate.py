@@ -2,7 +2,10 @@
 
 Everything here works on saved logits (no model needed): one `.pt` file per run with `val_logits`
 [K, N, C] (the calibration split), `val_labels` [N], `test_logits` [K, M, C], `test_labels` [M] and
-`macs` [K] (cumulative multiply-adds up to and including exit k, earlier heads included).
+`macs` [K] (cumulative multiply-adds up to and including exit k, earlier heads included). The logits are
+what the exits report: the outputs of the strategy's readout (bench.readout; the raw exit logits for
+every strategy without one), and `macs` include the readout's cost. A run's file also keeps the raw
+exits (`val_raw_logits`, `test_raw_logits`) and the readout's share of the MACs (`readout_macs`).
 
 Budgeted batch ("dynamic") evaluation is the MSDNet / L2W-DEN `dynamic_evaluate` protocol, exactly:
 39 budgets p = 1..39, ratio q = p/20, exit proportions pi_k = q^k / sum_j q^j (computed in float32 with
@@ -56,23 +59,62 @@ def _one_thread():
 # ----------------------------------------------------------------------------------------------- logits
 
 
-def collect_logits(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every exit's logits over `loader` -> (logits [K, N, C] float32 on CPU, labels [N] long)."""
-    was_training = model.training
-    model.eval()
-    parts, labels = [], []
+class Collected(NamedTuple):
+    outputs: torch.Tensor  # [K, N, C] float32 on CPU: what the exits report (the readout's outputs)
+    raw: torch.Tensor  # [K, N, C] the backbone's raw exit logits (the same tensor when the readout is identity)
+    labels: torch.Tensor  # [N] long
+
+
+def collect_exits(model, loader, device, readout=None) -> Collected:
+    """Every exit's raw logits over `loader` and what the exits report through `readout` (bench.readout;
+    None or the identity: the raw logits). Eval mode for both; their previous modes are restored."""
+    from bench.readout import Readout, readout_outputs
+
+    identity = readout is None or type(readout) is Readout
+    modules = [model] if identity else [model, readout]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    raw_parts, out_parts, labels = [], [], []
     try:
         with torch.no_grad():
             for batch in loader:
                 x, y = batch[0], batch[1]
-                outputs = model(x.to(device, non_blocking=True))
-                parts.append(torch.stack([z.float() for z in outputs]).cpu())
+                raw = [z.float() for z in model(x.to(device, non_blocking=True))]
+                raw_parts.append(torch.stack(raw).cpu())
+                if not identity:
+                    out_parts.append(torch.stack([o.float() for o in readout_outputs(readout, raw)]).cpu())
                 labels.append(torch.as_tensor(y).long().cpu())
     finally:
-        model.train(was_training)
-    if not parts:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+    if not raw_parts:
         raise UsageError("collect_logits: the loader yielded no batches; the split is empty")
-    return torch.cat(parts, dim=1), torch.cat(labels)
+    raw = torch.cat(raw_parts, dim=1)
+    return Collected(raw if identity else torch.cat(out_parts, dim=1), raw, torch.cat(labels))
+
+
+def collect_logits(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's raw logits over `loader` -> (logits [K, N, C] float32 on CPU, labels [N] long)."""
+    collected = collect_exits(model, loader, device)
+    return collected.raw, collected.labels
+
+
+def evaluate_model(model, readout, calib_loader, test_loader, device, macs, *, readout_macs=None,
+                   confidence: str = "max_softmax", logits_path=None) -> dict:
+    """Collect the calibration and test splits through the readout, write `logits_path` (readout outputs
+    and raw exits) when given, and evaluate the readout outputs (`evaluate_logits`). `macs` are the
+    cumulative per-exit MACs, readout included; `readout_macs` the readout's share of them."""
+    val = collect_exits(model, calib_loader, device, readout)
+    test = collect_exits(model, test_loader, device, readout)
+    data = {"val_logits": val.outputs, "val_labels": val.labels, "test_logits": test.outputs,
+            "test_labels": test.labels, "macs": macs, "val_raw_logits": val.raw, "test_raw_logits": test.raw}
+    if readout_macs is not None:
+        data["readout_macs"] = readout_macs
+    if logits_path is not None:
+        save_logits(logits_path, val.outputs, val.labels, test.outputs, test.labels, macs,
+                    raw=(val.raw, test.raw), readout_macs=readout_macs)
+    return evaluate_logits(data, confidence=confidence)
 
 
 def validate_logits(data: Any, source: str = "logits") -> dict[str, torch.Tensor]:
@@ -132,15 +174,41 @@ def validate_logits(data: Any, source: str = "logits") -> dict[str, torch.Tensor
         raise UsageError(f"{source}: macs must increase strictly from exit to exit (cumulative MACs), "
                          f"got {macs.tolist()}")
     out["macs"] = macs
+    for split in ("val", "test"):  # optional: the backbone's raw exits beside the readout outputs
+        key = f"{split}_raw_logits"
+        if key in data:
+            raw, shape = data[key], tuple(out[f"{split}_logits"].shape)
+            if not isinstance(raw, torch.Tensor) or not raw.is_floating_point() or tuple(raw.shape) != shape:
+                got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+                raise UsageError(f"{source}: {key} must be a floating-point tensor shaped like {split}_logits "
+                                 f"{shape}, got {got}")
+            out[key] = raw.detach().cpu().float().contiguous()
+    if "readout_macs" in data:  # optional: the readout's share of the cumulative MACs
+        try:
+            share = torch.as_tensor(data["readout_macs"], dtype=torch.float64).flatten().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise UsageError(f"{source}: readout_macs must be a list or 1-D tensor of K={Kv} numbers") from None
+        if share.numel() != Kv or not bool(torch.isfinite(share).all()) or bool((share < 0).any()) \
+                or bool((share > macs).any()):
+            raise UsageError(f"{source}: readout_macs must be K={Kv} finite numbers in 0..macs (the readout's "
+                             f"share of each exit's MACs), got {share.tolist()}")
+        out["readout_macs"] = share
     return out
 
 
-def save_logits(path, val_logits, val_labels, test_logits, test_labels, macs) -> None:
+def save_logits(path, val_logits, val_labels, test_logits, test_labels, macs, *, raw=None,
+                readout_macs=None) -> None:
     """Write one `.pt` file with the five keys, after validating them, atomically: into a temp file in the
-    same folder, then renamed over `path`, so a crash never leaves a half-written file."""
+    same folder, then renamed over `path`, so a crash never leaves a half-written file. `raw` = (val, test)
+    raw exit logits and `readout_macs` (the readout's share of `macs`) are stored beside them when given."""
     path = Path(path)
-    data = validate_logits({"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
-                            "test_labels": test_labels, "macs": macs}, source=str(path))
+    data = {"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
+            "test_labels": test_labels, "macs": macs}
+    if raw is not None:
+        data["val_raw_logits"], data["test_raw_logits"] = raw
+    if readout_macs is not None:
+        data["readout_macs"] = readout_macs
+    data = validate_logits(data, source=str(path))
     # torch.save writes a view's whole storage; copy views of bigger tensors so only the data is saved.
     data = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
             for k, v in data.items()}
@@ -421,7 +489,9 @@ def threshold_sweep(logits, labels, macs, thresholds: Sequence[float] | None = N
                     confidence: str = "max_softmax", *, scores=None) -> list[dict]:
     """The Shallow-Deep Networks / Zero-Time-Waste protocol: one global threshold t applied directly on
     the given split; a sample exits at the first k < K with confidence > t (strict, as ZTW's code), the
-    last exit takes the rest. One dict per threshold: threshold, acc (%), expected_macs, exit_fractions."""
+    last exit takes the rest. `logits` are what the exits report: a run's readout outputs (logits.pt's
+    `test_logits`), never its `test_raw_logits`. One dict per threshold: threshold, acc (%),
+    expected_macs, exit_fractions."""
     conf, top1, _ = scores or exit_scores(logits, labels, confidence)
     K = conf.shape[0]
     if thresholds is None:
@@ -592,6 +662,9 @@ def evaluate_logits(data: dict, confidence: str = "max_softmax", *, at_macs: Seq
     test_scores = exit_scores(data["test_logits"], data["test_labels"], confidence, top5=True)
     macs = data["macs"]
     anytime_rows = anytime(data["test_logits"], data["test_labels"], macs, scores=test_scores)
+    if "readout_macs" in data:
+        for row, share in zip(anytime_rows, data["readout_macs"].tolist()):
+            row["readout_macs"] = share
     budgets = budgeted(None, None, None, None, macs, confidence, val_scores=val_scores, test_scores=test_scores)
     summary = summarise(budgets, anytime_rows, macs, at_macs=at_macs, target_accs=target_accs,
                         auc_range=auc_range, confidence=confidence, test_top1=test_scores.top1)
@@ -607,9 +680,12 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def format_report(report: dict) -> str:
     """Text tables of an `evaluate_logits` report: anytime, budgeted batch, summary."""
-    lines = ["anytime (test split)", f"{'exit':>4}  {'top-1 %':>8}  {'top-5 %':>8}  {'MACs (M)':>11}"]
+    readout = any(row.get("readout_macs") for row in report["anytime"])
+    lines = ["anytime (test split)", f"{'exit':>4}  {'top-1 %':>8}  {'top-5 %':>8}  {'MACs (M)':>11}"
+             + (f"  {'of which readout':>16}" if readout else "")]
     for row in report["anytime"]:
-        lines.append(f"{row['exit']:>4}  {row['top1']:>8.2f}  {row['top5']:>8.2f}  {row['macs'] / 1e6:>11.4f}")
+        lines.append(f"{row['exit']:>4}  {row['top1']:>8.2f}  {row['top5']:>8.2f}  {row['macs'] / 1e6:>11.4f}"
+                     + (f"  {row['readout_macs'] / 1e6:>16.4f}" if readout else ""))
     s = report["summary"]
     lines += ["", f"budgeted batch (confidence {s.get('confidence')}; thresholds fitted on the calibration split; "
                   f"'-' threshold = never, last = always)",

@@ -4,9 +4,10 @@
 trial (bench.tune passes `on_epoch` to report metrics and checkpoints). A run folder holds:
 
     config.yaml     the validated, fully defaulted TrialConfig
-    checkpoint.pt   model, optimiser, scheduler, strategy state, RNG states, epoch (written atomically)
+    checkpoint.pt   model, readout, optimiser, scheduler, strategy state, RNG states, epoch (written atomically)
     metrics.jsonl   one line of metrics per finished epoch
-    logits.pt       per-exit logits on the calibration and test splits (see bench.evaluate)
+    logits.pt       per-exit outputs (readout applied) and raw logits on the calibration and test splits
+                    (see bench.evaluate)
     result.json     the ResultRecord (bench.results)
 """
 
@@ -155,17 +156,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def exit_accuracy(model: torch.nn.Module, loader, device: torch.device) -> list[float]:
-    """Top-1 accuracy (%) of every exit on a loader (eval mode; restores the previous mode)."""
-    was_training = model.training
-    model.eval()
+def exit_accuracy(model: torch.nn.Module, loader, device: torch.device, readout=None) -> list[float]:
+    """Top-1 accuracy (%) of what every exit reports (through `readout`, when given) on a loader (eval
+    mode; restores the previous modes)."""
+    from bench.readout import readout_outputs
+
+    modules = [m for m in (model, readout) if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     correct, total = None, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        hits = torch.stack([(z.argmax(1) == y).sum() for z in model(x)])
+        outputs = model(x)
+        if readout is not None:
+            outputs = readout_outputs(readout, outputs)
+        hits = torch.stack([(z.argmax(1) == y).sum() for z in outputs])
         correct = hits if correct is None else correct + hits
         total += y.numel()
-    model.train(was_training)
+    for m, mode in zip(modules, was_training):
+        m.train(mode)
     return [100.0 * float(c) / max(total, 1) for c in correct]
 
 
@@ -187,20 +197,25 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
 
     from bench.flops import per_exit_cost
+    from bench.readout import build_readout, readout_macs
 
+    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes).to(device)
     cost = per_exit_cost(model, bundle.image_size, bundle.in_channels)
-    macs = [e.macs for e in cost.exits]
+    readout_cost = readout_macs(readout)
+    macs = [e.macs + r for e, r in zip(cost.exits, readout_cost)]
 
     steps_per_epoch = len(bundle.train)
     if steps_per_epoch == 0:
         raise UsageError(f"the training split has {bundle.info.get('train_size')} samples: fewer than one batch")
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg.schedule, min(it, total_steps - 1), total_steps, steps_per_epoch))
     method = dict(cfg.method)
     strategy = METHODS.build(method.pop("name"), method, model=model, optimizer=optimizer,
-                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp)
+                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp,
+                             readout=readout)
+    # After the strategy: parameter groups it adds (a readout's weights) follow the schedule too.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg.schedule, min(it, total_steps - 1), total_steps, steps_per_epoch))
     loader_generator = bundle.train.generator
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +226,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
+        readout.load_state_dict(state.get("readout", {}))  # none in checkpoints from before readouts
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         strategy.load_state_dict(state["strategy"])
@@ -244,7 +260,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         epoch_time = time.time() - t0
         train_time += epoch_time
         train_images += seen
-        val_acc = exit_accuracy(model, bundle.val, device)
+        val_acc = exit_accuracy(model, bundle.val, device, readout)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": epoch_lr,
@@ -259,7 +275,8 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         history.append(row)
         metrics_lines.append(json.dumps(row))
         save_checkpoint(ckpt_path, {
-            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "model": model.state_dict(), "readout": readout.state_dict(),
+            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "strategy": strategy.state_dict(),
             "rng": _rng_state(loader_generator), "history": history, "train_time": train_time,
             "train_images": train_images, "config": cfg.model_dump(mode="json"),
@@ -270,13 +287,9 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
 
     from bench import evaluate
 
-    val_logits, val_labels = evaluate.collect_logits(model, bundle.calib, device)
-    test_logits, test_labels = evaluate.collect_logits(model, bundle.test, device)
-    evaluate.save_logits(run_dir / "logits.pt", val_logits, val_labels, test_logits, test_labels, macs)
-    report = evaluate.evaluate_logits(
-        {"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
-         "test_labels": test_labels, "macs": torch.tensor(macs, dtype=torch.float64)},
-        confidence=cfg.eval.confidence)
+    report = evaluate.evaluate_model(model, readout, bundle.calib, bundle.test, device, macs,
+                                     readout_macs=readout_cost, confidence=cfg.eval.confidence,
+                                     logits_path=run_dir / "logits.pt")
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
@@ -305,7 +318,8 @@ def cli_train(args) -> int:
         return 1
     last = record.exits[-1]
     print(f"run folder: {run_dir}")
-    print(f"last exit: top-1 {last['top1']:.2f} %  MACs {last['macs'] / 1e6:.3f} M  ({record.counter})")
+    readout = f", readout {last['readout_macs']:,.0f} of them" if last.get("readout_macs") else ""
+    print(f"last exit: top-1 {last['top1']:.2f} %  MACs {last['macs'] / 1e6:.3f} M{readout}  ({record.counter})")
     s = record.summary
     if "auc" in s:
         print(f"budgeted: AUC {s['auc']:.4f}  best {s.get('best_acc', float('nan')):.2f} %")
@@ -331,14 +345,19 @@ def cli_evaluate(args) -> int:
         raise UsageError(f"checkpoint does not fit the configured backbone: {str(err).splitlines()[0]}") from None
     from bench import evaluate
     from bench.flops import per_exit_cost
+    from bench.readout import build_readout, readout_macs
 
-    macs = [e.macs for e in per_exit_cost(model, bundle.image_size, bundle.in_channels).exits]
-    val_logits, val_labels = evaluate.collect_logits(model, bundle.calib, device)
-    test_logits, test_labels = evaluate.collect_logits(model, bundle.test, device)
-    report = evaluate.evaluate_logits(
-        {"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
-         "test_labels": test_labels, "macs": torch.tensor(macs, dtype=torch.float64)},
-        confidence=cfg.eval.confidence)
+    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes).to(device)
+    try:  # checkpoints from before readouts existed hold none: fine for the identity, which has no weights
+        readout.load_state_dict(state.get("readout", {}))
+    except RuntimeError as err:
+        raise UsageError(f"checkpoint's readout does not fit method {cfg.method['name']!r}: "
+                         f"{str(err).splitlines()[0]}") from None
+    readout_cost = readout_macs(readout)
+    macs = [e.macs + r for e, r in
+            zip(per_exit_cost(model, bundle.image_size, bundle.in_channels).exits, readout_cost)]
+    report = evaluate.evaluate_model(model, readout, bundle.calib, bundle.test, device, macs,
+                                     readout_macs=readout_cost, confidence=cfg.eval.confidence)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

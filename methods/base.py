@@ -4,6 +4,10 @@ A strategy receives the model (the multi-exit contract only), the optimiser and 
 `step` performs the update(s) for one batch and returns what was measured. Extra networks,
 optimisers and state belong to the strategy and travel through `state_dict` with the trial's checkpoint.
 The engine owns the LR schedule (stepped once per `step` call) and the data.
+
+A strategy may also own a readout (bench.readout): what exit k reports, from the raw logits of exits 1..k.
+The class method `build_readout(params, num_exits, num_classes)` makes it from the method config alone; the
+engine builds it, hands it over as `self.readout`, saves it with the checkpoint and evaluates through it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from bench.backbones.contract import MultiExitNet
+from bench.readout import Readout
 
 
 @dataclass
@@ -33,7 +38,7 @@ class Strategy:
 
     def __init__(self, params: BaseModel, model: MultiExitNet, optimizer: torch.optim.Optimizer, *,
                  total_steps: int, steps_per_epoch: int | None = None, device: torch.device | str = "cpu",
-                 amp: bool = False):
+                 amp: bool = False, readout: Readout | None = None):
         self.params = params
         self.model = model
         self.optimizer = optimizer
@@ -42,6 +47,14 @@ class Strategy:
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # Without one (a strategy built outside the engine), the identity; strategies with their own
+        # readout need it passed in (it needs the class count).
+        self.readout = readout if readout is not None else Readout(model.num_exits, 0)
+
+    @classmethod
+    def build_readout(cls, params: BaseModel, num_exits: int, num_classes: int) -> Readout:
+        """The readout this strategy trains and evaluates through (the identity unless overridden)."""
+        return Readout(num_exits, num_classes)
 
     def autocast(self):
         return torch.autocast(self.device.type, enabled=self.amp)

@@ -55,6 +55,16 @@ def _rescale(state, scale: float, scope: str):
                      f"use scope=all")
 
 
+def equilibrium(k: int, state, num_exits: int, scope: str = "all"):
+    """The boundary after stage k (0-based) of `num_exits`: (to_head, to_next), the head's path scaled by
+    1/(K-k), the later stages' by (K-k-1)/(K-k). Also used by strategies that add gradient equilibrium."""
+    remaining = num_exits - k
+    to_head = _rescale(state, 1.0 / remaining, scope)
+    if remaining == 1:  # the last stage feeds nothing further
+        return to_head, state
+    return to_head, _rescale(state, (remaining - 1) / remaining, scope)
+
+
 class GEParams(Params):
     scope: Literal["all", "coarsest"] = Field(
         "all", description="rescale every tensor of the stage state (paper) or only the last one (IMTA code)")
@@ -66,11 +76,7 @@ class GradientEquilibrium(Strategy):
 
     def boundary(self, k: int, state):
         """k is 0-based: head gets 1/(K-k), later stages (K-k-1)/(K-k)."""
-        remaining = self.model.num_exits - k
-        to_head = _rescale(state, 1.0 / remaining, self.params.scope)
-        if remaining == 1:  # the last stage feeds nothing further
-            return to_head, state
-        return to_head, _rescale(state, (remaining - 1) / remaining, self.params.scope)
+        return equilibrium(k, state, self.model.num_exits, self.params.scope)
 
     def step(self, x, y, iteration):
         with self.autocast():
