@@ -58,7 +58,9 @@ def _flops(sub):
 def _budget(sub):
     p = sub.add_parser("budget", help="anytime and budgeted evaluation of a saved logits file",
                        description="Evaluate a logits file (keys val_logits [K,N,C], val_labels [N], test_logits, "
-                                   "test_labels, macs [K]): anytime table, the 39-budget dynamic protocol, summary.")
+                                   "test_labels, macs [K]; a run's logits.pt holds its readout's outputs there, "
+                                   "raw exits as *_raw_logits): anytime table, the 39-budget dynamic protocol, "
+                                   "summary.")
     p.add_argument("logits", help="logits .pt file")
     p.add_argument("--confidence", choices=["max_softmax", "entropy", "margin"], default="max_softmax",
                    help="exit confidence: max softmax probability (default, the reference's), negative entropy, "
@@ -82,8 +84,9 @@ def _budget(sub):
 @command
 def _evaluate(sub):
     p = sub.add_parser("evaluate", help="run a trained checkpoint on val/test and evaluate it",
-                       description="Load a run's checkpoint, collect logits on val and test, and print the anytime "
-                                   "and budgeted tables (as `exitbench budget`).")
+                       description="Load a run's checkpoint (model and the method's readout), collect what the "
+                                   "exits report on val and test, and print the anytime and budgeted tables (as "
+                                   "`exitbench budget`).")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     _overrides(p)
     p.add_argument("--json", action="store_true", help="print JSON")

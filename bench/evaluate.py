@@ -682,10 +682,10 @@ def format_report(report: dict) -> str:
     """Text tables of an `evaluate_logits` report: anytime, budgeted batch, summary."""
     readout = any(row.get("readout_macs") for row in report["anytime"])
     lines = ["anytime (test split)", f"{'exit':>4}  {'top-1 %':>8}  {'top-5 %':>8}  {'MACs (M)':>11}"
-             + (f"  {'of which readout':>16}" if readout else "")]
+             + (f"  {'readout MACs':>14}" if readout else "")]  # a count, not millions: readouts are small
     for row in report["anytime"]:
         lines.append(f"{row['exit']:>4}  {row['top1']:>8.2f}  {row['top5']:>8.2f}  {row['macs'] / 1e6:>11.4f}"
-                     + (f"  {row['readout_macs'] / 1e6:>16.4f}" if readout else ""))
+                     + (f"  {row['readout_macs']:>14,.0f}" if readout else ""))
     s = report["summary"]
     lines += ["", f"budgeted batch (confidence {s.get('confidence')}; thresholds fitted on the calibration split; "
                   f"'-' threshold = never, last = always)",

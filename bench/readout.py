@@ -86,8 +86,9 @@ def check_causal(readout: Readout, samples: int = 3) -> None:
 def build_readout(method: Mapping[str, Any], num_exits: int, num_classes: int) -> Readout:
     """The readout of a method config ({name: ..., params}): the strategy class's `build_readout(params,
     num_exits, num_classes)` if it has one, else the identity; checked causal."""
-    from bench.registry import METHODS
+    from bench.registry import METHODS, load_all
 
+    load_all()
     values = dict(method.model_dump() if isinstance(method, BaseModel) else method)
     name = values.pop("name")
     params = METHODS.params(name, values, where="method")
