@@ -18,7 +18,9 @@ readout's carry is detached. Defaults and where they come from:
 - loss_equal = false: train_imagenet.py's `--loss_equal` flag (off in its scripts): loss_k / m_k * mean_j m_j,
   m_k an exponential moving average of loss_k's value (`MomentumMeter`, momentum 0.9, first value taken
   as is), updated with this batch's losses before they are weighted.
-The readout costs C multiply-adds at every exit after the first.
+The trial's own defaults are the reference's optimiser (SGD lr 0.1, momentum 0.9, weight decay 1e-4, x0.1 at
+50 % and 75 % of the epochs: `--lr_f 0.1 --lr_milestones 150,225 --epochs 300`). The readout costs C
+multiply-adds at every exit after the first.
 """
 
 from __future__ import annotations

@@ -175,3 +175,13 @@ def test_sweep_over_every_strategy_on_digits(ray_session, run_cli, tmp_path):
     assert set(runs["status"]) == {"finished"}
     assert {"boosted", "ztw", "uniform"} <= set(runs["config.method.name"])
     assert sorted(runs["config.method.name"]) == sorted(m["name"] for m in methods)
+
+
+def test_bad_strategy_settings_are_one_line_exit_2_and_write_nothing(tmp_path, run_cli):
+    out_dir = tmp_path / "run"
+    code, _, err = run_cli("train", f"out_dir={out_dir}", "backbone={name: tiny, widths: [4, 8]}",
+                           "method.name=ztw", "epochs=1")
+    assert code == 2 and err.count("\n") == 1 and "method ztw" in err and "epochs >= 2" in err
+    assert not out_dir.exists()
+    code, _, err = run_cli("train", f"out_dir={out_dir}", "method={name: boosted, gamma: -1}")
+    assert code == 2 and err.count("\n") == 1 and "method.gamma" in err and not out_dir.exists()
