@@ -5,7 +5,8 @@ Everything here works on saved logits (no model needed): one `.pt` file per run 
 `macs` [K] (cumulative multiply-adds up to and including exit k, earlier heads included). The logits are
 what the exits report: the outputs of the strategy's readout (bench.readout; the raw exit logits for
 every strategy without one), and `macs` include the readout's cost. A run's file also keeps the raw
-exits (`val_raw_logits`, `test_raw_logits`) and the readout's share of the MACs (`readout_macs`).
+exits (`val_raw_logits`, `test_raw_logits`; with the identity readout they share one storage, saved once)
+and the readout's share of the MACs (`readout_macs`).
 
 Budgeted batch ("dynamic") evaluation is the MSDNet / L2W-DEN `dynamic_evaluate` protocol, exactly:
 39 budgets p = 1..39, ratio q = p/20, exit proportions pi_k = q^k / sum_j q^j (computed in float32 with

@@ -109,6 +109,18 @@ def test_boosted_run_evaluates_through_its_readout_everywhere(tmp_path, run_cli)
     assert code == 0 and "readout MACs" in out
 
 
+def test_ztw_checkpoint_evaluates_as_training_did(tmp_path, run_cli):
+    record = train.run(tiny_cfg(tmp_path, {"name": "ztw"}))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert any(key.startswith("ensemble_weights") for key in state["readout"])
+    assert "ensemble_optimizer" in state["strategy"]
+    code, out, err = run_cli("evaluate", tmp_path / "run", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [r["top1"] for r in report["anytime"]] == [r["top1"] for r in record.exits]
+    assert report["budgets"] == record.budgets
+
+
 def test_evaluate_refuses_a_readout_that_does_not_fit(tmp_path, run_cli):
     cfg = tiny_cfg(tmp_path, {"name": "uniform"}, epochs=1)
     train.run(cfg)
