@@ -87,7 +87,10 @@ def lr_factor(cfg: ScheduleConfig, iteration: int, total: int, steps_per_epoch: 
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    import torch
+
+    # The intra-op thread count changes float summation order, hence the last digits of results.
+    out = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
     for name in ("exitbench", "torch", "torchvision", "fvcore", "ray", "numpy", "pandas"):
         try:
             out[name] = version(name)
