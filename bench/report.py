@@ -935,10 +935,8 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
         grid = np.linspace(lo_macs, hi_macs, 201)
         unit, scale = macs_scale(hi_macs)
         for ids, colour, style, text in _series(g, agg, palette):
-            values = curves.take(ids).at(np.broadcast_to(grid, (len(ids), grid.size)))
-            values[grid[None, :] > per_trial.loc[ids, "last_macs"].to_numpy()[:, None]] = np.nan
-            complete = np.isfinite(values).all(0)
-            mean, lo, hi, n = logit_t(np.where(complete, values, np.nan), sizes.reindex(ids).to_numpy()[:, None])
+            mean, lo, hi, complete = curve_band(curves.take(ids), per_trial.loc[ids, "last_macs"], grid,
+                                                sizes.reindex(ids))
             ax.plot(grid / scale, mean, color=colour, linestyle=style, label=text)
             ax.fill_between(grid / scale, lo, hi, where=complete & np.isfinite(lo), color=colour, alpha=0.2,
                             linewidth=0)
@@ -953,6 +951,18 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
         columns = ["trial_id", "method", "variant", "label"]
         written += _exit_fraction_figure(out, budgets, groups, columns, palette, note)
     return written
+
+
+def curve_band(curves: Curves, last_macs, grid, test_sizes=DEFAULT_TEST_SIZE):
+    """Mean and 95 % logit-t band over seeds of the curves on a common MACs grid. Each curve counts only within
+    its own range (its cheapest point to its last exit's MACs); mean and band exist only at grid points where
+    every curve has a value (`complete`), so no seed dropping in or out can make the line jump."""
+    grid = np.asarray(grid, float)
+    values = curves.at(np.broadcast_to(grid, (len(curves.ids), grid.size)))
+    values[grid[None, :] > np.asarray(last_macs, float)[:, None]] = np.nan
+    complete = np.isfinite(values).all(0)
+    mean, lo, hi, _ = logit_t(np.where(complete, values, np.nan), np.asarray(test_sizes, float).reshape(-1, 1))
+    return mean, lo, hi, complete
 
 
 def _accuracy_limits(ax) -> None:
