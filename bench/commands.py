@@ -147,8 +147,12 @@ def _report(sub):
     p.add_argument("sweep_dir", help="sweep folder (holds the results store)")
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/report)")
     p.add_argument("--baseline", default=None,
-                   help="method to compare against (default uniform, skipped with a note if absent)")
-    p.add_argument("--metric", default="auc", help="leaderboard metric (default auc: budgeted area under curve)")
+                   help="what every group is paired with: a method (its default parameters) or a variant as the "
+                        "tables name it, e.g. 'uniform (exit_weights=[1, 2, 4])' (default uniform, skipped with a "
+                        "note if absent)")
+    p.add_argument("--metric", default="auc",
+                   help="leaderboard metric, also the one the paired tests use (default auc: budgeted area under "
+                        "curve)")
     p.add_argument("--speedup-acc", type=float, default=None, metavar="ACC",
                    help="top-1 (%%) at which to compare MACs (default: the baseline's best budgeted accuracy)")
 
@@ -166,7 +170,9 @@ def _leaderboard(sub):
                        description="Merge the results stores of several sweeps into one leaderboard.")
     p.add_argument("sweep_dirs", nargs="+", metavar="DIR", help="sweep folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--metric", default="auc", help="ranking metric (default auc)")
+    p.add_argument("--metric", default="auc", help="ranking metric, also the one the paired tests use (default auc)")
+    p.add_argument("--baseline", default=None,
+                   help="method or variant every group is paired with (default uniform, if present)")
     p.add_argument("--published", action="append", default=None, metavar="CSV",
                    help="published numbers to show as cited rows, never in statistics: a CSV file or a folder "
                         "of them (columns method,dataset,backbone,metric,values,epochs,source; "

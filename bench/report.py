@@ -244,7 +244,7 @@ def paired_t_p(diffs) -> float:
     return float(2 * stdtr(d.size - 1, -abs(mean) / (std / math.sqrt(d.size))))
 
 
-def sign_flip_p(diffs, draws: int = 100_000, seed: int = 0) -> float:
+def sign_flip_p(diffs, draws: int = 20_000, seed: int = 0) -> float:
     """Two-sided p of the sign-flip permutation test of zero mean difference: the share of sign vectors s whose
     |sum(s * d)| is at least the observed |sum(d)|. Exact (all 2^n vectors) for n <= EXACT_SIGN_FLIPS, else
     `draws` random vectors with the usual +1 correction. With n pairs the smallest p is 2 / 2^n."""
@@ -252,13 +252,15 @@ def sign_flip_p(diffs, draws: int = 100_000, seed: int = 0) -> float:
     d = d[np.isfinite(d)]
     if d.size == 0:
         return math.nan
+    reach = abs(d.sum()) - 1e-9 * max(1.0, np.abs(d).sum())  # as extreme as observed, up to rounding
     if d.size <= EXACT_SIGN_FLIPS:
         signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
-    else:
-        signs = np.random.default_rng(seed).choice([-1, 1], size=(draws, d.size))
-    observed = abs(d.sum())
-    hits = int((np.abs(signs @ d) >= observed - 1e-9 * max(1.0, np.abs(d).sum())).sum())
-    return hits / len(signs) if d.size <= EXACT_SIGN_FLIPS else (hits + 1) / (draws + 1)
+        return float((np.abs(signs @ d) >= reach).mean())
+    rng, hits = np.random.default_rng(seed), 0
+    for start in range(0, draws, 10_000):  # in blocks: bounded memory for many pairs
+        signs = 2.0 * rng.integers(0, 2, size=(min(10_000, draws - start), d.size)) - 1
+        hits += int((np.abs(signs @ d) >= reach).sum())
+    return (hits + 1) / (draws + 1)
 
 
 def holm(p) -> np.ndarray:
@@ -843,7 +845,9 @@ def _save(fig, out: Path, stem: str, note: str) -> list[Path]:
     written = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=110, bbox_inches="tight")
+        # No creation date in the PDF: the same store gives byte-identical figures.
+        fig.savefig(buf, format=ext, dpi=110, bbox_inches="tight",
+                    metadata={"CreationDate": None} if ext == "pdf" else None)
         results.atomic_write_bytes(out / f"{stem}.{ext}", buf.getvalue())
         written.append(out / f"{stem}.{ext}")
     plt.close(fig)
@@ -948,7 +952,7 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
 
     budgets = tables.budgets
     if "exit_fractions" in budgets and "p" in budgets and len(budgets):
-        columns = ["trial_id", "method", "variant", "label"]
+        columns = ["trial_id", "method", "label"]
         written += _exit_fraction_figure(out, budgets, groups, columns, palette, note)
     return written
 
@@ -972,51 +976,39 @@ def _accuracy_limits(ax) -> None:
 
 
 def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[Path]:
-    """Share of test samples leaving at each exit, at four budgets spread over the protocol's range."""
+    """Share of test samples leaving at each exit (mean over seeds), at four budgets spread over the protocol's
+    range; one bar per group and exit."""
     ps = np.sort(budgets["p"].unique())
     chosen = ps[np.unique(np.round(np.linspace(0, len(ps) - 1, 6)[1:-1]).astype(int))] if len(ps) > 4 else ps
     fig, axes = _axes(len(groups), len(chosen), width=4.2, height=3.6)
     for row, ((dataset, backbone), g) in enumerate(groups):
-        marked_variant = (g["variant"] + f" {DAGGER}").str.strip()
-        g = g.assign(variant=g["variant"].where(g["calibration"] == "heldout", marked_variant))
-        bu = budgets.merge(g[columns], on="trial_id")
+        g = g.assign(dagger=np.where(g["calibration"] == "heldout", "", f" {DAGGER}"))
+        bu = budgets[budgets["p"].isin(chosen)].merge(g[[*columns, "dagger"]], on="trial_id")
         unit, scale = macs_scale(bu["expected_macs"].max())
+        fractions = [_fractions(v) for v in bu["exit_fractions"]]
+        width = max((len(f) for f in fractions), default=0)
+        shares = pd.DataFrame([f + [np.nan] * (width - len(f)) for f in fractions], index=bu.index,
+                              columns=range(1, width + 1))
         for col, p in enumerate(chosen):
-            ax, sel = axes[row, col], bu[bu["p"] == p]
-            fractions = [_fractions(v) for v in sel["exit_fractions"]]
-            lengths = np.array([len(f) for f in fractions], dtype=int)
-            if not lengths.sum():
+            ax, sel = axes[row, col], bu["p"] == p
+            if not width or not sel.any():
                 ax.set_axis_off()
                 continue
-            long = pd.DataFrame({"trial_id": np.repeat(sel["trial_id"].to_numpy(), lengths),
-                                 "exit": np.concatenate([np.arange(1, k + 1) for k in lengths]),
-                                 "fraction": np.concatenate(fractions)})
-            # Legend entries carry each group's mean expected MACs at this budget.
-            cost = sel.groupby(["label", "variant", "method"], as_index=False)["expected_macs"].mean()
-            cost["hue"] = [f"{lab}{' ' + DAGGER if DAGGER in v else ''}: {m / scale:.3g} {unit}"
-                           for lab, v, m in zip(cost["label"], cost["variant"], cost["expected_macs"])]
-            data = long.merge(sel[["trial_id", "label"]], on="trial_id").merge(cost, on="label")
-            _bars(ax, data, palette)
+            by = bu[sel].groupby(["method", "label", "dagger"], sort=True)
+            means, cost = shares[sel].groupby([bu.loc[sel, k] for k in ("method", "label", "dagger")]).mean(), \
+                by["expected_macs"].mean()
+            n_methods = means.index.get_level_values("method").value_counts()
+            bar = 0.8 / len(means)
+            for j, ((method, label, dagger), values) in enumerate(means.iterrows()):
+                # Variants of a method share its colour, lightened one step per variant.
+                step = sum(1 for m, *_ in means.index[:j] if m == method) / n_methods[method] * 0.55
+                colour = tuple(c + (1 - c) * step for c in palette[method])
+                ax.bar(np.arange(1, width + 1) - 0.4 + bar * (j + 0.5), values.to_numpy(), bar, color=colour,
+                       label=f"{label}{dagger}: {cost[(method, label, dagger)] / scale:.3g} {unit}")
             ax.set(title=f"{dataset} · {backbone} · budget p={p:g}", xlabel="exit", ylim=(0, 1),
-                   ylabel="fraction of test samples" if col == 0 else "")
+                   xticks=np.arange(1, width + 1), ylabel="fraction of test samples" if col == 0 else "")
             ax.legend(title=f"mean expected MACs ({_counter_text(g)})", fontsize=7, title_fontsize=7)
     return _save(fig, out, "exit_fractions", note)
-
-
-def _bars(ax, data: pd.DataFrame, palette: dict[str, tuple]) -> None:
-    import seaborn as sns
-
-    # Variants of a method share its colour, lightened one step per variant.
-    hues = data.drop_duplicates("hue").sort_values("hue")
-    colours = {}
-    for method, g in hues.groupby("method"):
-        for j, hue in enumerate(g["hue"]):
-            share = 0.55 * j / len(g)
-            colours[hue] = tuple(c + (1 - c) * share for c in palette[method])
-    method_of = dict(zip(hues["hue"], hues["method"]))
-    order = sorted(colours, key=lambda h: (method_of[h], h))
-    sns.barplot(data=data, x="exit", y="fraction", hue="hue", hue_order=order, palette=colours, saturation=1,
-                errorbar=None, ax=ax)
 
 
 def _fractions(value) -> list[float]:

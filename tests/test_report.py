@@ -433,6 +433,14 @@ def test_committed_default_results_rebuild_from_their_store(tmp_path):
     assert "torch threads per trial:" in (committed / "table.md").read_text()
 
 
+def test_readme_shows_the_committed_default_table():
+    """The README's default-result table is the committed table.md's (regenerate both together)."""
+    table = (ROOT / "results" / "default" / "table.md").read_text()
+    main = table[table.index("| method | seeds |"):].split("\n\n")[0]
+    assert main in (ROOT / "README.md").read_text(), \
+        "README.md's default-result table differs from results/default/table.md: copy the table over"
+
+
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}/nope"], "does not exist"),
     (["report", "{tmp}/empty"], "holds no trials"),
