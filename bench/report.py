@@ -1044,12 +1044,34 @@ def _base_groups(runs: pd.DataFrame, baseline: Baseline | None) -> set:
 
 
 def build_report(sweep_dir: str | Path, out: str | Path | None = None, baseline: str | None = None,
-                 metric: str = "auc", speedup_acc: float | None = None, plots: bool = True) -> list[Path]:
-    """Write the report of one sweep; returns the files written. `baseline=None` means uniform, if present."""
+                 metric: str = "auc", speedup_acc: float | None = None, plots: bool = True,
+                 copy_store: bool = False) -> list[Path]:
+    """Write the report of one sweep; returns the files written. `baseline=None` means uniform, if present.
+    `copy_store`: also copy the sweep's results store (its parquet tables) to `out/store`, so the report can
+    be rebuilt from what sits next to it (results/default does this)."""
     _check_metric(metric)
     tables, name = load_runs([str(sweep_dir)])
-    return write_report(tables, name, out if out is not None else Path(sweep_dir) / "report", baseline, metric,
-                        speedup_acc, plots)
+    out = Path(out) if out is not None else Path(sweep_dir) / "report"
+    written = write_report(tables, name, out, baseline, metric, speedup_acc, plots)
+    if copy_store and out.resolve() != Path(sweep_dir).resolve():
+        written.append(_copy_store(Path(sweep_dir) / "store", out / "store"))
+    return written
+
+
+def _copy_store(store: Path, dest: Path) -> Path:
+    """Replace `dest` by the store's tables (the per-trial record JSONs stay behind): built beside it, then
+    swapped in, so an interrupted copy never leaves a half store."""
+    import shutil
+
+    fresh, stale = dest.with_name(f".{dest.name}.new"), dest.with_name(f".{dest.name}.old")
+    for path in (fresh, stale):
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(store, fresh, ignore=shutil.ignore_patterns("records", ".*"))
+    if dest.exists():
+        dest.rename(stale)
+    fresh.rename(dest)
+    shutil.rmtree(stale, ignore_errors=True)
+    return dest
 
 
 def write_report(tables: results.Tables, name: str, out: str | Path, baseline: str | None = None,

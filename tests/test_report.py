@@ -433,6 +433,20 @@ def test_committed_default_results_rebuild_from_their_store(tmp_path):
     assert "torch threads per trial:" in (committed / "table.md").read_text()
 
 
+def test_copy_store_makes_the_report_rebuildable(sweep, tmp_path):
+    out = tmp_path / "published"
+    (out / "store" / "runs").mkdir(parents=True)
+    (out / "store" / "runs" / "old-trial.parquet").write_text("from an earlier sweep")  # replaced, not merged
+    written = report.build_report(sweep, out, plots=False, copy_store=True)
+    assert out / "store" in written and not (out / "store" / "records").exists()
+    assert not (out / "store" / "runs" / "old-trial.parquet").exists()
+    first = (out / "table.md").read_text()
+    report.build_report(out, tmp_path / "again", plots=False)
+    again = (tmp_path / "again" / "table.md").read_text()
+    assert again.split("\n", 1)[1] == first.split("\n", 1)[1]  # the title: no sweep name recorded, the folder's
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_readme_shows_the_committed_default_table():
     """The README's default-result table is the committed table.md's (regenerate both together)."""
     table = (ROOT / "results" / "default" / "table.md").read_text()
