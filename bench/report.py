@@ -880,10 +880,11 @@ def _series(g: pd.DataFrame, agg: pd.DataFrame, palette: dict[str, tuple]):
             yield grp["trial_id"].to_numpy(), palette[method], LINESTYLES[j % len(LINESTYLES)], text
 
 
-def _legend(ax, ci_handle) -> None:
+def _legend(ax, ci_handle, with_ci: bool) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    ax.legend([*handles, ci_handle], [*labels, ci_handle.get_label()], loc="upper left", bbox_to_anchor=(1.01, 1),
-              fontsize=8, title="mean over seeds", title_fontsize=8, frameon=False)
+    extra = [ci_handle] if with_ci else []  # name the interval only where one is drawn
+    ax.legend([*handles, *extra], [*labels, *(h.get_label() for h in extra)], loc="upper left",
+              bbox_to_anchor=(1.01, 1), fontsize=8, title="mean over seeds", title_fontsize=8, frameon=False)
 
 
 def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.DataFrame, curves: Curves,
@@ -905,6 +906,7 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
     groups = list(done.groupby(["dataset", "backbone"], sort=True))
     sizes = pd.Series(_test_sizes(done), index=done["trial_id"].to_numpy())
     written: list[Path] = []
+    with_ci = bool((agg["seeds"] >= MIN_SEEDS_FOR_CI).any())
 
     fig, axes = _axes(len(groups))
     for ax, ((dataset, backbone), g) in zip(axes[:, 0], groups):
@@ -922,7 +924,7 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
         ax.set(title=f"Anytime prediction · {dataset} · {backbone}", xlabel=_macs_axis(g, unit, "cumulative MACs"),
                ylabel="top-1 accuracy (%)")
         _legend(ax, Line2D([], [], color="grey", linewidth=1.5, marker="|", markersize=10, linestyle="none",
-                           label=f"bars: {CI_KIND} of the mean (n ≥ {MIN_SEEDS_FOR_CI})"))
+                           label=f"bars: {CI_KIND} of the mean (n ≥ {MIN_SEEDS_FOR_CI})"), with_ci)
         _accuracy_limits(ax)
     written += _save(fig, out, "anytime", "")
 
@@ -946,7 +948,8 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
                             linewidth=0)
         ax.set(title=f"Budgeted batch · {dataset} · {backbone}", xlabel=_macs_axis(g, unit, "expected MACs"),
                ylabel="top-1 accuracy (%)")
-        _legend(ax, Patch(color="grey", alpha=0.3, label=f"shaded: {CI_KIND} of the mean (n ≥ {MIN_SEEDS_FOR_CI})"))
+        _legend(ax, Patch(color="grey", alpha=0.3, label=f"shaded: {CI_KIND} of the mean (n ≥ {MIN_SEEDS_FOR_CI})"),
+                with_ci)
         _accuracy_limits(ax)
     written += _save(fig, out, "budgeted", note)
 
