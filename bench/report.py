@@ -461,7 +461,7 @@ def _default_key(method: str, cols: list[str]) -> str | None:
     try:
         load_all()
         params = METHODS.params(method).model_dump()
-    except Exception:  # an out-of-tree method this process cannot import: no default to go by
+    except (UsageError, ImportError):  # a method this process cannot import: no default to go by
         return None
     flat = results.flatten({"method": {"name": method, **params}})
     return "\x1f".join(_key_value(flat.get(c.removeprefix("config."))) for c in cols)
