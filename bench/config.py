@@ -51,6 +51,15 @@ class EvalConfig(Section):
     confidence: Literal["max_softmax", "entropy", "margin"] = "max_softmax"
 
 
+class InitConfig(Section):
+    """Start training from saved weights: an exitbench checkpoint or a reference project's file (MSDNet-PyTorch,
+    L2W-DEN, RANet-pytorch, IMTA; see bench.backbones.checkpoint). The model's weights, and the l2w WPN when
+    the file has one. strict: every key and shape must match; false loads those that do (e.g. new heads)."""
+
+    checkpoint: str
+    strict: bool = True
+
+
 def _component(registry: Registry, section: str, value: Any) -> dict[str, Any]:
     """Validate a `{name, **params}` section against the registry; return it fully defaulted."""
     load_all()
@@ -84,6 +93,7 @@ class TrialConfig(Section):
     deterministic: bool = False
     progress: bool = True
     out_dir: str = "runs/train"
+    init: InitConfig | None = None  # weights to start from (fine-tuning); null: fresh initialisation
 
     @field_validator("data", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -220,6 +221,10 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(cfg.schedule, min(it, total_steps - 1), total_steps, steps_per_epoch))
     loader_generator = bundle.train.generator
+    if cfg.init is not None and not (resume and (run_dir / CHECKPOINT).is_file()):
+        from bench.backbones.checkpoint import init_from
+
+        init_from(cfg.init.checkpoint, model, strategy, strict=cfg.init.strict)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
@@ -331,21 +336,29 @@ def cli_train(args) -> int:
 
 
 def cli_evaluate(args) -> int:
-    """Evaluate a checkpoint (file or run folder): rebuild data and model from its config, then evaluate."""
-    state = load_checkpoint(args.checkpoint)
-    raw = state.get("config")
-    if raw is None:
-        raise UsageError(f"{args.checkpoint!r} holds no exitbench config; is it a checkpoint written by exitbench?")
+    """Evaluate a checkpoint (file or run folder): an exitbench one rebuilds data and model from its config; a
+    reference project's file (MSDNet, L2W-DEN, RANet, IMTA; detected by content) takes backbone=... data=..."""
+    from bench.backbones.checkpoint import load_weights, parse, read_file
     from bench.config import apply_overrides
 
-    cfg = validate_trial(apply_overrides(raw, args.overrides))
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder, its {CHECKPOINT}, or a "
+                         f"reference checkpoint file)")
+    weights = parse(read_file(path), str(path))
+    if weights.config is None and not any(o.split("=")[0].split(".")[0] == "backbone" for o in args.overrides):
+        raise UsageError(f"{str(path)!r} is a {weights.kind} checkpoint, which records no config: give the "
+                         f"backbone it was trained with, e.g. backbone=msdnet-cifar-budget data=cifar100")
+    cfg = validate_trial(apply_overrides(weights.config or {}, args.overrides))
     device = resolve_device(cfg.device)
     bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
-    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise UsageError(f"checkpoint does not fit the configured backbone: {str(err).splitlines()[0]}") from None
+    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
+    load_weights(model, weights.model, f"{str(path)!r} ({weights.kind} checkpoint)")
+    model.to(device)
+    if weights.note:
+        print(f"note: {weights.note}", file=sys.stderr)
     from bench import evaluate
     from bench.flops import per_exit_cost
     from bench.readout import build_readout, readout_macs

@@ -1,20 +1,29 @@
-"""Load weights saved by a reference implementation (kalviny/MSDNet-PyTorch and its copies) into our model.
+"""Load weights into our models: exitbench checkpoints and the reference projects' files, detected by content.
 
-Our MSDNet mirrors the reference's module names, so no key translation is needed; what differs between
-checkpoints in the wild is only the wrapping:
-- a raw `model.state_dict()`;
-- the same with every key prefixed by `module.` (saved from DataParallel / DistributedDataParallel, as the
-  reference's main.py does);
-- the reference's checkpoint dict `{'epoch', 'arch', 'state_dict', 'best_prec1', 'optimizer'}`.
-Loading is strict: every missing or unexpected key and every shape mismatch is an error. The one exception
-is BatchNorm's `num_batches_tracked` counter, absent from checkpoints saved before PyTorch 0.4.1; it does
-not affect the outputs, and PyTorch itself fills it in for such files.
+Formats (after unwrapping a `state_dict` / `model_state_dict` / `model` entry and any DataParallel/DDP
+`module.` prefix):
+- exitbench: a trial checkpoint `{config, model, strategy, ...}` (the l2w WPN is `strategy.wpn`), or a bare
+  `model.state_dict()`.
+- kalviny/MSDNet-PyTorch, LeapLabTHU/L2W-DEN and kalviny/IMTA stage 1 (`msdnet_ge`): our MSDNet mirrors their
+  module names, so keys load as they are. L2W-DEN checkpoints also carry the WPN (`meta_state_dict`, an
+  `MLP_tanh`: `first_hidden_layer.fc`, `rest_hidden_layers.i.fc`, `output_layer`), renamed to our
+  WeightPredictor's `net.0`, `net.2`, ...
+- yangle15/RANet-pytorch (`FirstLayer.*`, `scale_flows.*`, `classifier.*`): renamed to our RANet's
+  (`first.*`, `flows.*`, `heads.*`; their `ConvBasic`/`ConvBN` `.net` wrappers dropped).
+- kalviny/IMTA stage 2 (`IMTA_MSDNet`: `net.*`, `classifier.*`, `isc_modules.*`): its frozen GE-trained MSDNet
+  `net.*` loads, with its own (stage-1) heads; the ISC heads have no counterpart here and are left out,
+  which `Weights.note` says.
+Loading is strict by default: every missing or unexpected key and every shape mismatch is one UsageError line
+naming the first ones. The one exception is BatchNorm's `num_batches_tracked` counter, absent from files saved
+before PyTorch 0.4.1; it does not affect outputs. Files are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +34,114 @@ from bench.errors import UsageError
 
 _PREFIXES = ("module.",)
 _OPTIONAL = "num_batches_tracked"
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+
+# RANet-pytorch -> bench.backbones.ranet, applied in order to every key.
+_RANET_RULES = [
+    (r"^FirstLayer\.layers\.(\d+)\.net\.", r"first.\1."),  # CIFAR stem: ConvBasic
+    (r"^FirstLayer\.layers\.(\d+)\.", r"first.\1."),  # ImageNet stem: a plain Sequential
+    (r"^scale_flows\.", "flows."),
+    (r"\.conv_normal\.net\.", ".conv."),
+    (r"\.(conv_up|conv_last|trans)\.net\.", r".\1."),
+    (r"^classifier\.(\d+)\.m\.(\d+)\.net\.", r"heads.\1.convs.\2."),
+    (r"^classifier\.(\d+)\.linear\.", r"heads.\1.linear."),
+]
 
 
-def load_reference_checkpoint(model: nn.Module, path_or_state: str | Path | Mapping[str, Any], *,
-                              trusted: bool = False) -> nn.Module:
-    """Strictly load a reference checkpoint (file path, checkpoint dict or state_dict) into `model`.
+@dataclass
+class Weights:
+    """What a checkpoint file holds, in our key names."""
 
-    Files are read with `torch.load(weights_only=True)` unless `trusted` (needed only for files that pickle
-    objects other than tensors, numbers, strings and containers). Raises UsageError with one line on any
-    mismatch. Returns `model`.
-    """
-    where = "checkpoint"
-    if isinstance(path_or_state, str | Path):
-        where = str(path_or_state)
-        path_or_state = _read(Path(path_or_state), trusted)
-    state = _unwrap(path_or_state, where)
-    _check(model, state, where)
-    model.load_state_dict(state, strict=True)
-    return model
+    kind: str  # which format was detected, for messages
+    model: dict[str, torch.Tensor]
+    wpn: dict[str, torch.Tensor] | None = None  # the l2w weight prediction network, when the file has one
+    config: dict[str, Any] | None = None  # exitbench checkpoints only
+    note: str | None = None  # what was deliberately left out
 
 
-def _read(path: Path, trusted: bool) -> Any:
+def read_file(path: str | Path, trusted: bool = False) -> Any:
+    """`torch.load` a checkpoint file (weights_only unless `trusted`); one UsageError line when it cannot."""
+    path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"checkpoint file {str(path)!r} is empty (0 bytes); give a file saved by exitbench or a "
+                         f"reference project")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot read {str(path)!r} safely ({first}); if you trust the file, load it with "
                          f"trusted=True") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UsageError(f"cannot read {str(path)!r} as a torch checkpoint: {err}") from None
+    except Exception as err:  # truncated or foreign files raise many kinds
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
 
 
-def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
-    """The state_dict inside a checkpoint dict, with any DataParallel/DDP `module.` prefix removed."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+def parse(obj: Any, where: str = "checkpoint") -> Weights:
+    """Detect the format of a loaded checkpoint object and return its weights in our key names."""
+    if not isinstance(obj, Mapping):
+        raise UsageError(f"{where} holds a {type(obj).__name__}, not a checkpoint; expected an exitbench checkpoint "
+                         f"or a state_dict (names -> tensors), possibly inside a 'state_dict' entry")
+    if isinstance(obj.get("config"), Mapping) and ("epoch" in obj or "model" in obj or "history" in obj):
+        if not isinstance(obj.get("model"), Mapping):
+            raise UsageError(f"{where} is an exitbench checkpoint without its 'model' weights; give the run's "
+                             f"checkpoint.pt as written by `exitbench train`")
+        strategy = obj.get("strategy")
+        wpn = strategy.get("wpn") if isinstance(strategy, Mapping) else None
+        return Weights("exitbench", _tensors(obj["model"], where), _tensors(wpn, where) if wpn else None,
+                       dict(obj["config"]))
+    state = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), obj)
+    state = _tensors(state, where)
+    wpn = obj.get("meta_state_dict")
+    wpn = _wpn(_tensors(wpn, where)) if isinstance(wpn, Mapping) else None
+    if "first_hidden_layer.fc.weight" in state:
+        raise UsageError(f"{where} holds only an L2W-DEN weight prediction network (WPN), no model; give the "
+                         f"checkpoint whose 'state_dict' holds the network")
+    if any(k.startswith(("FirstLayer.", "scale_flows.")) for k in state):
+        return Weights("RANet-pytorch", _rename(state, _RANET_RULES), wpn)
+    if any(k.startswith("isc_modules.") for k in state) and any(k.startswith("net.") for k in state):
+        net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        left = sorted({k.split(".")[0] for k in state if not k.startswith("net.")})
+        return Weights("IMTA stage 2", net, wpn, note=f"IMTA stage-2 checkpoint: loaded its GE-trained MSDNet "
+                       f"(net.*) with its stage-1 heads; {', '.join(left)} (the ISC heads) have no exitbench "
+                       f"counterpart and were left out")
+    kind = "L2W-DEN" if wpn is not None else "state_dict"  # MSDNet-PyTorch, IMTA stage 1 or exitbench names
+    return Weights(kind, state, wpn)
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str = "checkpoint", *,
+                 strict: bool = True) -> list[str]:
+    """Load `state` (our key names) into `model`. Strict: any mismatch is one UsageError line and nothing is
+    changed. Not strict: every key whose name and shape match is loaded; returns the model keys left as they
+    were."""
+    expected = model.state_dict()
+    if strict:
+        _check(model, state, where)
+        model.load_state_dict(state, strict=False)  # _check proved the keys equal, up to num_batches_tracked
+        return []
+    fitting = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    if not fitting:
+        raise UsageError(f"{where}: not one key of it fits the {type(model).__name__} built from this config "
+                         f"(first keys: {_first(list(state))}); check the backbone")
+    model.load_state_dict(fitting, strict=False)
+    return [k for k in expected if k not in fitting and not k.endswith(_OPTIONAL)]
+
+
+def load_reference_checkpoint(model: nn.Module, path_or_state: str | Path | Mapping[str, Any], *,
+                              trusted: bool = False) -> nn.Module:
+    """Strictly load a checkpoint (file path, checkpoint dict or state_dict, any format above) into `model`."""
+    where = "checkpoint"
+    if isinstance(path_or_state, str | Path):
+        where = str(path_or_state)
+        path_or_state = read_file(path_or_state, trusted)
+    weights = parse(path_or_state, where)
+    load_weights(model, weights.model, f"{where} ({weights.kind} checkpoint)")
+    return model
+
+
+def _tensors(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    """A state_dict with any DataParallel/DDP `module.` prefix removed."""
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
         raise UsageError(f"{where}: expected a state_dict (names -> tensors) or a dict with a 'state_dict' "
@@ -73,7 +153,28 @@ def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def _wpn(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """L2W-DEN's MLP_tanh names -> our WeightPredictor's Sequential indices (Linear, ReLU pairs, last Linear)."""
+    if "first_hidden_layer.fc.weight" not in state:
+        return state  # already ours
+    rest = {int(m.group(1)) for k in state if (m := re.match(r"rest_hidden_layers\.(\d+)\.", k))}
+    last = 2 * (len(rest) + 1)
+    rules = [(r"^first_hidden_layer\.fc\.", "net.0."),
+             (r"^rest_hidden_layers\.(\d+)\.fc\.", lambda m: f"net.{2 * (int(m.group(1)) + 1)}."),
+             (r"^output_layer\.", f"net.{last}.")]
+    return _rename(state, rules)
+
+
+def _check(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith(_OPTIONAL)]
     unexpected = [k for k in state if k not in expected]
@@ -84,8 +185,25 @@ def _check(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None
                                     ("shape mismatches", shapes)) if items]
     if problems:
         raise UsageError(f"{where} does not match the {type(model).__name__} built from this config: "
-                         + "; ".join(problems) + " - check the preset/options it was trained with")
+                         + "; ".join(problems) + " - check the backbone preset/options and the class count "
+                         "it was trained with")
 
 
 def _first(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def init_from(path: str | Path, model: nn.Module, strategy: Any = None, *, strict: bool = True) -> Weights:
+    """Start training from a checkpoint file: its model weights into `model` and, when both the file and the
+    strategy have one (l2w), its WPN into `strategy.wpn`. Prints what was loaded or left out."""
+    where = f"init.checkpoint {str(path)!r}"
+    weights = parse(read_file(path), where)
+    left = load_weights(model, weights.model, f"{where} ({weights.kind} checkpoint)", strict=strict)
+    wpn = getattr(strategy, "wpn", None)
+    loaded_wpn = weights.wpn is not None and isinstance(wpn, nn.Module)
+    if loaded_wpn:
+        load_weights(wpn, weights.wpn, f"{where} (WPN)", strict=strict)
+    extra = f"; {len(left)} model keys kept their fresh values ({_first(left)})" if left else ""
+    print(f"init: {weights.kind} weights from {path}{' with the WPN' if loaded_wpn else ''}{extra}"
+          + (f"; note: {weights.note}" if weights.note else ""), flush=True)
+    return weights
