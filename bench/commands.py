@@ -100,6 +100,31 @@ def _evaluate(sub):
 
 
 @command
+def _latency(sub):
+    p = sub.add_parser("latency", help="real early-exit inference of a trained run, with measured latency",
+                       description="Run a finished run's network with real early exits at each budget's thresholds "
+                                   "(batch 1: per-image latency mean/p50/p90; batched: exited samples leave the "
+                                   "batch) and every exit alone; print accuracy vs measured ms/image and images/s "
+                                   "beside the MACs, check the real-exit accuracy against the simulated one, and "
+                                   "store the rows (result.json and the results store's latency table).")
+    p.add_argument("run_dir", help="run folder of `exitbench train` (config, checkpoint.pt, logits.pt, result.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's config)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of the batched mode (default 64)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, metavar="P",
+                   help="only these budgets p (1..39; default all)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's; 1 is steadier on a busy machine)")
+
+    def run(args):
+        from bench.latency import cli_latency
+
+        return cli_latency(args)
+
+    p.set_defaults(func=run)
+
+
+@command
 def _train(sub):
     p = sub.add_parser("train", help="run one trial without Ray and write its run folder",
                        description="Train one trial (config YAML plus dotted overrides) without Ray; writes config, "

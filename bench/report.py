@@ -972,6 +972,27 @@ def curve_band(curves: Curves, last_macs, grid, test_sizes=DEFAULT_TEST_SIZE):
     return mean, lo, hi, complete
 
 
+def latency_figure(out: Path, runs: pd.DataFrame, latency: pd.DataFrame | None) -> list[Path]:
+    """Real early-exit accuracy vs measured batch-1 median ms per image (`exitbench latency`), one line per trial
+    (the budgets) with its exits alone as crosses; one panel per device. Nothing when not measured."""
+    if latency is None or latency.empty or "ms_p50" not in latency:
+        return []
+    data = latency.merge(runs[["trial_id", "label", "seed"]], on="trial_id")
+    devices = sorted(data["device"].astype(str).unique())
+    fig, axes = _axes(len(devices))
+    for ax, device in zip(axes[:, 0], devices):
+        for (label, seed), g in data[data["device"] == device].groupby(["label", "seed"], sort=True):
+            budgets = g[g["policy"] == "budget"].sort_values("p")  # in budget order: medians are noisy too
+            line, = ax.plot(budgets["ms_p50"], budgets["real_acc_b1"], marker=".", label=f"{label} (seed {seed})")
+            exits = g[g["policy"] == "exit"]
+            ax.plot(exits["ms_p50"], exits["real_acc_b1"], "x", color=line.get_color())
+        ax.set(title=f"Real early exit · {device}", xlabel="measured latency, batch 1 (ms per image, median)",
+               ylabel="top-1 accuracy (%)")
+        ax.legend(fontsize=8, frameon=False, loc="lower right")
+        _accuracy_limits(ax)
+    return _save(fig, out, "latency", "lines: the 39 budgets' thresholds; crosses: each exit alone")
+
+
 def _accuracy_limits(ax) -> None:
     """Accuracy lives in [0, 100]."""
     low, high = ax.get_ylim()
@@ -1104,6 +1125,7 @@ def write_report(tables: results.Tables, name: str, out: str | Path, baseline: s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tight_layout notes
             written += figures(out, runs, tables, metrics, curves, agg, method_palette(runs["method"]))
+            written += latency_figure(out, runs, getattr(tables, "latency", None))
     return written
 
 

@@ -11,6 +11,8 @@ rename), so concurrent trials never share a file and a killed trial never leaves
 - exits:   one row per trial x exit: top1, top5, macs, params
 - budgets: one row per trial x budget: p, test_acc, val_acc, expected_macs, exit_fractions, thresholds
 - epochs:  one row per trial x epoch: loss, lr, time, images/s, per-exit train loss/acc and val acc
+- latency: one row per trial x policy (exit alone or budget) measured by `exitbench latency`: device, ms per
+           image (batch 1: mean, p50, p90; batched), images/s, real-exit vs simulated accuracy
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, Field
 
-TABLES = ("runs", "exits", "budgets", "epochs")
+TABLES = ("runs", "exits", "budgets", "epochs", "latency")
 
 
 class ResultRecord(BaseModel):
@@ -46,6 +48,7 @@ class ResultRecord(BaseModel):
     exits: list[dict[str, Any]] = Field(default_factory=list)  # exit, top1, top5, macs, params
     budgets: list[dict[str, Any]] = Field(default_factory=list)  # p, test_acc, val_acc, expected_macs, ...
     summary: dict[str, Any] = Field(default_factory=dict)
+    latency: list[dict[str, Any]] = Field(default_factory=list)  # bench.latency rows, when measured
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -85,7 +88,7 @@ def to_tables(record: ResultRecord) -> dict[str, pd.DataFrame]:
         return pd.DataFrame([{**ident, **flatten(item)} for item in items])
 
     return {"runs": pd.DataFrame([run]), "exits": rows(record.exits), "budgets": rows(record.budgets),
-            "epochs": rows(record.epochs)}
+            "epochs": rows(record.epochs), "latency": rows(record.latency)}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -134,6 +137,7 @@ class Tables:
     exits: pd.DataFrame
     budgets: pd.DataFrame
     epochs: pd.DataFrame
+    latency: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"trial_id": []}))
 
 
 def load(sweep_dir: str | Path) -> Tables:
