@@ -83,10 +83,13 @@ def _budget(sub):
 
 @command
 def _evaluate(sub):
-    p = sub.add_parser("evaluate", help="run a trained checkpoint on val/test and evaluate it",
-                       description="Load a run's checkpoint (model and the method's readout), collect what the "
-                                   "exits report on val and test, and print the anytime and budgeted tables (as "
-                                   "`exitbench budget`).")
+    p = sub.add_parser("evaluate", help="run a trained or reference checkpoint on val/test and evaluate it",
+                       description="Load a checkpoint (model and the method's readout), collect what the exits "
+                                   "report on val and test, and print the anytime and budgeted tables (as "
+                                   "`exitbench budget`). An exitbench checkpoint brings its config; a reference "
+                                   "project's file (kalviny/MSDNet-PyTorch, LeapLabTHU/L2W-DEN, "
+                                   "yangle15/RANet-pytorch, kalviny/IMTA; detected by content) needs backbone=... "
+                                   "and data=... overrides.")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     _overrides(p)
     p.add_argument("--json", action="store_true", help="print JSON")

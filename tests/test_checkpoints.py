@@ -51,13 +51,14 @@ def logits(model, x):
 # --- our names -> reference names, written out here -------------------------------------------------------------
 
 
-def to_ranet_reference(state):
+def to_ranet_reference(state, imagenet=False):
     """exitbench RANet keys -> yangle15/RANet-pytorch keys (ConvBasic / ConvBN wrap their Sequential in `.net`)."""
     out = {}
     for key, value in state.items():
         parts = key.split(".")
-        if parts[0] == "first":  # first.i.n.* -> FirstLayer.layers.i.net.n.* (CIFAR stem)
-            new = ["FirstLayer", "layers", parts[1], "net", *parts[2:]]
+        if parts[0] == "first":  # first.i.n.* -> FirstLayer.layers.i.net.n.*; the ImageNet stem is a plain Sequential
+            plain = imagenet and parts[1] == "0"
+            new = ["FirstLayer", "layers", parts[1], *([] if plain else ["net"]), *parts[2:]]
         elif parts[0] == "heads":  # heads.k.convs.j.n.* -> classifier.k.m.j.net.n.*; heads.k.linear -> same
             new = (["classifier", parts[1], "m", parts[3], "net", *parts[4:]] if parts[2] == "convs"
                    else ["classifier", parts[1], *parts[2:]])
@@ -165,6 +166,17 @@ def test_reference_formats_load_with_identical_logits(repo, backbone, prefix, tm
         z = torch.randn(8, 5)
         assert (loaded(z) - wpn(z)).abs().max().item() == 0
     assert (weights.note is not None) == (repo == "imta")
+
+
+def test_ranet_imagenet_stem_loads():
+    spec = {**SMALL_RANET, "data": "imagenet"}
+    source = randomise(build(spec, 7, 64), seed=1)
+    target = randomise(build(spec, 7, 64), seed=2)
+    state = {"module." + k: v for k, v in to_ranet_reference(source.state_dict(), imagenet=True).items()}
+    assert "module.FirstLayer.layers.0.0.bias" in state  # the 7x7 stem conv has a bias there
+    load_reference_checkpoint(target, {"state_dict": state})
+    x = torch.randn(2, 3, 64, 64)
+    assert (logits(target, x) - logits(source, x)).abs().max().item() == 0
 
 
 @pytest.mark.slow
