@@ -279,6 +279,9 @@ def cli_latency(args) -> int:
                              f"saved logits)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device is not None and args.device not in ("auto", "cpu", "cuda") and \
+            not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
+        raise UsageError(f"--device {args.device!r}: give cpu, cuda, cuda:N or auto")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")

@@ -108,9 +108,14 @@ def test_cli_latency_bad_input(run_cli, tmp_path):
     run_dir = tmp_path / "run"
     train.run(validate_trial(TRIAL), run_dir)
     for args, words in ((["--budgets", "40"], "not among the run's budgets"), (["--batch-size", "0"], ">= 1"),
-                        (["--limit", "0"], ">= 1")):
+                        (["--limit", "0"], ">= 1"), (["--device", "tpu"], "give cpu, cuda")):
         code, _, err = run_cli("latency", run_dir, *args)
         assert code == 2 and words in err and err.count("\n") == 1, err
-    (run_dir / "checkpoint.pt").unlink()
+    kept = tmp_path / "checkpoint_000001"  # a sweep trial's run folder: Ray Tune keeps the checkpoints beside it
+    kept.mkdir()
+    (run_dir / "checkpoint.pt").rename(kept / "checkpoint.pt")
+    code, out, err = run_cli("latency", run_dir, "--budgets", "1", "--limit", "4", "--threads", "1")
+    assert code == 0 and "check: real-exit accuracy equals" in out, err
+    (kept / "checkpoint.pt").unlink()
     code, _, err = run_cli("latency", run_dir)
     assert code == 2 and "no checkpoint.pt" in err
