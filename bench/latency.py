@@ -12,8 +12,8 @@ numbers, and a check that the real-exit accuracy equals the simulated budgeted a
 the same thresholds (any difference is reported with the number of images that left at another exit:
 e.g. a model evaluated on another device than the one that wrote logits.pt).
 
-Exit k's output comes from one function, `raw_exit(raws, k)` (the raw logits of exits 1..k of the samples
-still running -> exit k's logits); a strategy whose outputs combine earlier exits plugs in there.
+What exit k reports goes through the method's readout (bench.readout: identity, or e.g. Boosted's sum of
+earlier exits): `readout.exit(k, raw_k, carry)` is called as head k runs, and the carry shrinks with the batch.
 """
 
 from __future__ import annotations
@@ -29,14 +29,9 @@ import torch
 
 from bench.backbones.contract import MultiExitNet, map_state
 from bench.errors import UsageError
+from bench.readout import Readout, readout_outputs
 
-ExitOutputs = Callable[[list[torch.Tensor], int], torch.Tensor]
 WARMUP = 10  # images (batch 1) or batches (batched) run before timing: first calls allocate and pick kernels
-
-
-def raw_exit(raws: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Exit k's logits are its own head's."""
-    return raws[k]
 
 
 def scores(logits: torch.Tensor, confidence: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,20 +48,23 @@ def scores(logits: torch.Tensor, confidence: str) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def early_exit(model: MultiExitNet, x: torch.Tensor, thresholds: Sequence[float], confidence: str = "max_softmax",
-               outputs: ExitOutputs = raw_exit) -> tuple[torch.Tensor, torch.Tensor]:
+               readout: Readout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `x` with real early exits: a sample leaves at the first k with confidence >= thresholds[k] (the last
-    exit takes the rest). Returns (prediction, exit index) per sample. Model in eval mode."""
+    exit takes the rest) of what exit k reports (through `readout`, the identity when None). Returns
+    (prediction, exit index) per sample. Model and readout in eval mode."""
     n, K = x.shape[0], model.num_exits
     pred = torch.empty(n, dtype=torch.long, device=x.device)
     exit_of = torch.empty(n, dtype=torch.long, device=x.device)
     alive = torch.arange(n, device=x.device)
-    state, raws = model.stem(x), []
+    state, carry = model.stem(x), None
     for k in range(K):
         state = model.stage(k, state)
-        raws.append(model.head(k, state))
+        out = model.head(k, state)
+        if readout is not None:
+            out, carry = readout.exit(k, out, carry)
         if k < K - 1 and thresholds[k] == math.inf:
             continue  # nobody exits here: skip the confidence
-        conf, guess = scores(outputs(raws, k), confidence)
+        conf, guess = scores(out, confidence)
         leave = conf >= thresholds[k] if k < K - 1 else torch.ones_like(conf, dtype=torch.bool)
         pred[alive[leave]], exit_of[alive[leave]] = guess[leave], k
         stay = ~leave
@@ -74,16 +72,19 @@ def early_exit(model: MultiExitNet, x: torch.Tensor, thresholds: Sequence[float]
             break
         if not bool(leave.any()):
             continue
-        alive, raws = alive[stay], [r[stay] for r in raws]
-        state = map_state(lambda t, keep=stay: t[keep], state)
+        alive = alive[stay]
+        state, carry = (map_state(lambda t, keep=stay: t[keep], s) for s in (state, carry))
     return pred, exit_of
 
 
 @torch.no_grad()
 def static_exit(model: MultiExitNet, x: torch.Tensor, k: int, confidence: str = "max_softmax",
-                outputs: ExitOutputs = raw_exit) -> torch.Tensor:
+                readout: Readout | None = None) -> torch.Tensor:
     """Every sample through exits 1..k (earlier heads included, as MACs count them): prediction at exit k."""
-    return scores(outputs(model(x, upto=k + 1), k), confidence)[1]
+    outputs = model(x, upto=k + 1)
+    if readout is not None:
+        outputs = readout_outputs(readout, outputs)
+    return scores(outputs[k], confidence)[1]
 
 
 def simulated(logits: torch.Tensor, labels: torch.Tensor, thresholds: Sequence[float],
@@ -170,9 +171,12 @@ def _thresholds(row: Sequence[float | None]) -> list[float]:
 
 def run_latency(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor, saved: dict[str, torch.Tensor],
                 budgets: list[dict], device: torch.device, batch_size: int, confidence: str,
-                outputs: ExitOutputs = raw_exit) -> list[dict[str, Any]]:
-    """One row per exit alone (static) and per budget: measured latency, real-exit and simulated accuracy."""
+                readout: Readout | None = None) -> list[dict[str, Any]]:
+    """One row per exit alone (static) and per budget: measured latency, real-exit and simulated accuracy
+    (`saved`: logits.pt's test_logits, test_labels and macs, i.e. what the exits report, readout included)."""
     model = model.eval().to(device)
+    if readout is not None:
+        readout = readout.eval().to(device)
     macs = saved["macs"].double()
     K, n = model.num_exits, len(images)
     name = device_name(device)
@@ -180,7 +184,7 @@ def run_latency(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor,
     common = {"device": name, "batch_size": batch_size, "images": n, "confidence": confidence}
     sim_top1 = None
     for k in range(K):
-        got = measure(model, images, labels, lambda x, k=k: (static_exit(model, x, k, confidence, outputs),
+        got = measure(model, images, labels, lambda x, k=k: (static_exit(model, x, k, confidence, readout),
                                                              torch.full((len(x),), k, device=x.device)),
                       device, batch_size)
         if sim_top1 is None:
@@ -191,7 +195,7 @@ def run_latency(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor,
         rows.append(_row(common, "exit", None, k + 1, got, sim_acc, 0, float(macs[k]), float(macs[k])))
     for b in budgets:
         thresholds = _thresholds(b["thresholds"])
-        got = measure(model, images, labels, lambda x, t=thresholds: early_exit(model, x, t, confidence, outputs),
+        got = measure(model, images, labels, lambda x, t=thresholds: early_exit(model, x, t, confidence, readout),
                       device, batch_size)
         correct, exit_sim = simulated(saved["test_logits"], saved["test_labels"], thresholds, confidence)
         sim_acc = 100.0 * float(correct.sum()) / n
@@ -268,6 +272,7 @@ def cli_latency(args) -> int:
     from bench.backbones.checkpoint import load_weights, parse, read_file
     from bench.config import validate_trial
     from bench.evaluate import load_logits
+    from bench.readout import build_readout
     from bench.train import resolve_device
 
     run_dir = Path(args.run_dir)
@@ -315,7 +320,9 @@ def cli_latency(args) -> int:
         images, labels = images[:args.limit], labels[:args.limit]
         saved = {**saved, "test_logits": saved["test_logits"][:, :args.limit],
                  "test_labels": saved["test_labels"][:args.limit]}
-    rows = run_latency(model, images, labels, saved, budgets, device, args.batch_size, cfg.eval.confidence)
+    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes)
+    readout.load_state_dict(weights.readout or {})
+    rows = run_latency(model, images, labels, saved, budgets, device, args.batch_size, cfg.eval.confidence, readout)
     print(format_table(rows))
     record = record.model_copy(update={"latency": rows})
     results.atomic_write_text(run_dir / "result.json", record.model_dump_json(indent=1))

@@ -365,7 +365,7 @@ def cli_evaluate(args) -> int:
 
     readout = build_readout(cfg.method, model.num_exits, bundle.num_classes).to(device)
     try:  # checkpoints from before readouts existed hold none: fine for the identity, which has no weights
-        readout.load_state_dict(state.get("readout", {}))
+        readout.load_state_dict(weights.readout or {})
     except RuntimeError as err:
         raise UsageError(f"checkpoint's readout does not fit method {cfg.method['name']!r}: "
                          f"{str(err).splitlines()[0]}") from None

@@ -9,6 +9,7 @@ import torch
 
 from bench import evaluate, latency, results, train
 from bench.config import validate_trial
+from bench.readout import build_readout, readout_outputs
 from bench.registry import BACKBONES, load_all
 
 load_all()
@@ -48,21 +49,35 @@ def test_early_exit_drops_exited_samples_and_matches_the_rule():
     assert seen == [len(x), int((conf[0] < median).sum()), int((conf[0] < median).sum())]
 
 
-def test_real_exit_accuracy_equals_simulated_and_the_readout_seam():
+def test_real_exit_accuracy_equals_simulated():
     model, x, labels, saved, budgets = model_and_data([4, 8, 8], size=8)
     rows = latency.run_latency(model, x, labels, saved, budgets[::6], torch.device("cpu"), 16, "max_softmax")
     for r in rows:
         assert r["real_acc_b1"] == r["sim_acc"] == r["real_acc_batched"] and r["exits_differing"] == 0, r
     for r, b in zip(rows[3:], budgets[::6]):
         assert r["expected_macs"] == pytest.approx(b["expected_macs"]) and r["sim_acc"] == b["test_acc"]
-    calls = []
 
-    def readout(raws, k):  # a strategy whose exit k reads exits 1..k plugs in here
-        calls.append(len(raws))
-        return raws[k]
 
-    latency.early_exit(model, x[:4], [0.9, 0.9, -math.inf], outputs=readout)
-    assert calls[:1] == [1] and max(calls) <= 3
+@pytest.mark.parametrize("method", ["boosted", "ztw"])
+def test_real_exit_through_a_readout_equals_simulated(method):
+    """Exits that report a function of exits 1..k (the readout's carry shrinks with the batch)."""
+    model, x, labels, _, _ = model_and_data([4, 8, 8], size=8)
+    readout = build_readout({"name": method}, 3, 5).eval()
+    with torch.no_grad():
+        for p in readout.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.3)
+        gen = torch.Generator().manual_seed(6)
+        calib = torch.randn(60, 3, 8, 8, generator=gen)
+        calib_out = torch.stack(readout_outputs(readout, model(calib)))
+        test_out = torch.stack(readout_outputs(readout, model(x)))
+    macs = torch.tensor([1e6, 2e6, 3e6], dtype=torch.float64)
+    budgets = evaluate.budgeted(calib_out, torch.zeros(60, dtype=torch.long), test_out, labels, macs)
+    saved = {"test_logits": test_out, "test_labels": labels, "macs": macs}
+    rows = latency.run_latency(model, x, labels, saved, budgets[::4], torch.device("cpu"), 16, "max_softmax",
+                               readout)
+    assert {r["exits_differing"] for r in rows} == {0}
+    assert all(r["real_acc_b1"] == r["sim_acc"] == r["real_acc_batched"] for r in rows)
+    assert len({r["sim_acc"] for r in rows if r["policy"] == "budget"}) > 1  # the budgets differ
 
 
 @pytest.mark.slow

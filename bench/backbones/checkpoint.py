@@ -56,6 +56,7 @@ class Weights:
     model: dict[str, torch.Tensor]
     wpn: dict[str, torch.Tensor] | None = None  # the l2w weight prediction network, when the file has one
     config: dict[str, Any] | None = None  # exitbench checkpoints only
+    readout: dict[str, torch.Tensor] | None = None  # exitbench checkpoints: the method's readout (bench.readout)
     note: str | None = None  # what was deliberately left out
 
 
@@ -89,8 +90,9 @@ def parse(obj: Any, where: str = "checkpoint") -> Weights:
                              f"checkpoint.pt as written by `exitbench train`")
         strategy = obj.get("strategy")
         wpn = strategy.get("wpn") if isinstance(strategy, Mapping) else None
+        readout = obj.get("readout")
         return Weights("exitbench", _tensors(obj["model"], where), _tensors(wpn, where) if wpn else None,
-                       dict(obj["config"]))
+                       dict(obj["config"]), dict(readout) if isinstance(readout, Mapping) else None)
     state = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), obj)
     state = _tensors(state, where)
     wpn = obj.get("meta_state_dict")
