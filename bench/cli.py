@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from bench.errors import UsageError
@@ -30,12 +31,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_list(args) -> int:
+    from bench.config import bundled_sweeps, describe_bundled
     from bench.registry import BACKBONES, DATASETS, METHODS, load_all
 
     load_all()
     listing = {"backbones": BACKBONES.describe(), "datasets": DATASETS.describe(), "methods": METHODS.describe()}
+    sweeps = [{"name": name, "doc": describe_bundled(path), "path": str(path)}
+              for name, path in bundled_sweeps().items()]
     if args.json:
-        print(json.dumps(listing, indent=2, default=str))
+        print(json.dumps({**listing, "sweeps": sweeps}, indent=2, default=str))
         return 0
     for kind, rows in listing.items():
         print(f"{kind}:")
@@ -47,17 +51,21 @@ def _cmd_list(args) -> int:
             for preset, values in row["presets"].items():
                 print(f"  {'':<14} preset {preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         print()
+    print("sweeps (bundled; `exitbench sweep NAME`, `exitbench config show NAME`):")
+    for row in sweeps:
+        print(f"  {row['name']:<18} {row['doc']}")
     return 0
 
 
 def _cmd_config_show(args) -> int:
     from bench import config
 
-    raw = config.read_yaml(args.file)
+    path, overrides = config.split_config_arg(args.file, args.overrides)
+    raw = config.read_yaml(config.resolve_config(path)) if path else {}
     if config.is_sweep(raw):
-        cfg = config.validate_sweep(config.apply_overrides(raw, args.overrides))
+        cfg = config.validate_sweep(config.apply_overrides(raw, overrides, sweep=True))
     else:
-        cfg = config.validate_trial(config.apply_overrides(raw, args.overrides))
+        cfg = config.validate_trial(config.apply_overrides(raw, overrides))
     print(config.to_yaml(cfg), end="")
     return 0
 
@@ -66,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="exitbench", description="Benchmark and ablation harness for early-exiting "
                                                    "(multi-exit) networks.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--include", action="append", default=[], metavar="PATH",
+                        help="import a .py file (or every .py file of a folder) that registers methods, backbones "
+                             "or datasets before the command runs; repeatable")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("list", help="registered backbones (with presets), datasets and methods",
@@ -78,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser, required=True)
     q = csub.add_parser("show", help="print the validated, fully defaulted config as YAML",
                         description="Validate a trial or sweep YAML (with dotted overrides such as optim.lr=0.1) "
-                                    "and print it fully defaulted.")
-    q.add_argument("file", help="trial or sweep YAML file")
+                                    "and print it fully defaulted; without a file, the default trial.",
+                        epilog="examples: exitbench config show;  exitbench config show method=l2w epochs=2;  "
+                               "exitbench config show default epochs=1")
+    q.add_argument("file", nargs="?", default=None,
+                   help="trial or sweep YAML file, or a bundled sweep's name (default: the trial defaults)")
     q.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. method.epsilon=0.5")
     q.set_defaults(func=_cmd_config_show)
 
@@ -104,10 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.include:
+            from bench.registry import include
+
+            include(args.include)
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`exitbench budget ... --json | head`): not an error of ours. Point stdout at
+        # devnull so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a Unix tool killed by SIGPIPE reports (128 + 13), without a traceback
     except UsageError as err:
         if debug:
             raise

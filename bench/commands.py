@@ -6,7 +6,23 @@ Each parser calls one `cli_*` function of its module, imported only when the com
 
 from __future__ import annotations
 
+import argparse
+
 from bench.cli import command
+
+# Every example here is run by tests/test_cli_ux.py (up to the point where Ray would start).
+SWEEP_EXAMPLES = """examples:
+  exitbench sweep                                   the bundled default sweep (as `make run`)
+  exitbench sweep default epochs=2 seeds=[0] --name quick
+                                                    a bundled sweep by name; trial fields override its base
+  exitbench sweep l2w-ablation epochs=30 grid.method.epsilon=[0.8]
+                                                    grid axes are replaced with grid.PATH=[...]
+  exitbench sweep fashion-mnist-tiny optim.lr=0.1 base.batch_size=64 max_concurrent=1
+                                                    base.KEY works too; sweep fields are set as they are
+  exitbench sweep --resume quick                    continue runs/quick after a crash or Ctrl-C
+
+bundled sweeps: `exitbench list` (bench/configs/NAME.yaml); `exitbench config show NAME k=v` shows the result.
+"""
 
 
 def _overrides(p):
@@ -45,8 +61,14 @@ def _flops(sub):
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--counter", choices=["fvcore", "torch"], default="fvcore", help="MAC counter (default fvcore)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--list-cuts", action="store_true",
+                   help="sdn backbones: list the layer names that backbone.cuts may use (in forward order), no count")
 
     def run(args):
+        if args.list_cuts:
+            from bench.backbones.sdn import cli_list_cuts
+
+            return cli_list_cuts(args)
         from bench.flops import cli_flops
 
         return cli_flops(args)
@@ -149,9 +171,13 @@ def _sweep(sub):
     p = sub.add_parser("sweep", help="run a grid of trials on Ray Tune (default: the bundled sweep)",
                        description="Expand a sweep YAML into trials and run them on Ray Tune; without a file, run "
                                    "the bundled default sweep and its report. Results go to "
-                                   "STORAGE_PATH/NAME/store; exit status 1 if any trial failed.")
-    p.add_argument("config", nargs="?", default=None, help="sweep YAML (default: the bundled default sweep)")
-    _overrides(p)
+                                   "STORAGE_PATH/NAME/store; exit status 1 if any trial failed.",
+                       epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None,
+                   help="sweep YAML or a bundled sweep's name (default: the bundled default sweep)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="trial fields of the base (epochs=1, optim.lr=0.1; base.epochs=1 alike), sweep fields "
+                        "(seeds=[0,1], name=..., max_concurrent=1) or grid axes (grid.optim.lr=[0.1,0.05])")
     p.add_argument("--name", default=None, help="sweep name (folder under storage_path; default: the YAML's name)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--resume", default=None, metavar="NAME",

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench.errors import ConfigError, UsageError
-from bench.registry import BACKBONES, DATASETS, METHODS, Registry, describe_validation_error, load_all
+from bench.registry import BACKBONES, DATASETS, METHODS, Registry, describe_validation_error, did_you_mean, load_all
 
 
 class Section(BaseModel):
@@ -70,7 +70,9 @@ def _component(registry: Registry, section: str, value: Any) -> dict[str, Any]:
     values = dict(value)
     name = values.pop("name")
     if not isinstance(name, str) or name not in registry:
-        raise ConfigError(f"{section}.name: unknown {registry.kind} {name!r}; valid: {', '.join(registry.all_names())}")
+        hint = did_you_mean(name, registry.all_names()) if isinstance(name, str) else ""
+        raise ConfigError(f"{section}.name: unknown {registry.kind} {name!r}{hint}; "
+                          f"valid: {', '.join(registry.all_names())}")
     params = registry.params(name, values, where=section)
     return {"name": name, **params.model_dump(mode="json")}
 
@@ -141,6 +143,7 @@ class Resources(Section):
 
 
 SPACE_KINDS = ("uniform", "loguniform", "randint", "choice")
+SPACE_FORMS = "{uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]}, {choice: [a, b, ...]}"
 
 
 class SearchConfig(Section):
@@ -160,13 +163,16 @@ class SearchConfig(Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
 
-    @field_validator("space")
+    @field_validator("space", mode="before")
     @classmethod
-    def _space(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+    def _space(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("search.space maps dotted trial fields to one distribution each, e.g. "
+                             "{optim.lr: {loguniform: [0.01, 0.5]}}")
         for path, dist in v.items():
-            if len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS:
-                raise ValueError(f"{path}: give exactly one of {', '.join(SPACE_KINDS)}, "
-                                 "e.g. {loguniform: [0.01, 0.5]}")
+            if (not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS
+                    or not isinstance(next(iter(dist.values())), list)):
+                raise ValueError(f"{path}: not a distribution; accepted forms: {SPACE_FORMS}")
             kind, args = next(iter(dist.items()))
             if kind == "choice":
                 if not args:
@@ -220,12 +226,14 @@ class SweepConfig(Section):
             if path == "seed":
                 raise ConfigError("grid.seed: seeds are an axis of their own; use the top-level 'seeds' list")
             if not _path_exists(base, path):
-                raise ConfigError(f"grid.{path}: no such trial field (fields: {', '.join(base)})")
+                raise ConfigError(f"grid.{path}: no such trial field{_close_path(base, path)} "
+                                  f"(fields: {', '.join(base)})")
         for path in self.search.space:
             if path in self.grid or path == "seed":
                 raise ConfigError(f"search.space.{path}: already a grid axis or the seed; search it in one place only")
             if not _path_exists(base, path):
-                raise ConfigError(f"search.space.{path}: no such trial field (fields: {', '.join(base)})")
+                raise ConfigError(f"search.space.{path}: no such trial field{_close_path(base, path)} "
+                                  f"(fields: {', '.join(base)})")
         for trial in self.trials():  # every grid point must be a valid trial, before any work starts
             raw = trial.model_dump()
             for path in self.search.space:  # ... and so must the ends of every search dimension on it
@@ -265,18 +273,37 @@ def _path_exists(tree: dict[str, Any], path: str) -> bool:
 _COMPONENTS = ("data", "backbone", "method")
 
 
+def _close_path(tree: dict[str, Any], path: str) -> str:
+    """A did-you-mean for a dotted path: the closest key at the first level that does not exist."""
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return ""
+        if part not in node:
+            return did_you_mean(part, list(node))
+        node = node[part]
+    return ""
+
+
 def _set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool = False) -> None:
     parts = path.split(".")
     node = tree
     for part in parts[:-1]:
+        if isinstance(node.get(part), str) and part in _COMPONENTS:
+            node[part] = {"name": node[part]}  # `method: l2w` is short for `method: {name: l2w}`
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
     last = parts[-1]
+    section = parts[:-2] in ([], ["base"])  # a component section of a trial or of a sweep's base
+    renamed = node.get("name") not in (None, value)
+    if last == "name" and len(parts) >= 2 and parts[-2] in _COMPONENTS and section and renamed:
+        # Another component: its section starts afresh (the old one's options mean nothing to it).
+        node.clear()
     if replace_section and isinstance(value, dict) and "name" in value and isinstance(node.get(last), dict):
         # A whole component given as an axis value (e.g. method: [{name: l2w, epsilon: 0.8}]).
         node[last] = value
-    elif len(parts) == 1 and last in _COMPONENTS and isinstance(value, str):
+    elif last in _COMPONENTS and parts[:-1] in ([], ["base"]) and isinstance(value, str):
         node[last] = {"name": value}  # switching component drops the old component's parameters
     else:
         node[last] = value
@@ -297,9 +324,26 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], *, sweep: bool = False) -> dict[str, Any]:
+    """`raw` with the dotted overrides set. A component's new name (`data.name=cifar10`, `method=l2w`) is set
+    first and starts its section afresh; the section's other overrides then apply to the new component.
+
+    For a sweep (`sweep=True`), keys that are not sweep fields are trial fields of `base` (`epochs=1` is
+    `base.epochs=1`; `name` is the sweep's name, `base.name` the trials'); a field that a grid axis sets is
+    refused (the axis would overwrite it): override the axis (`grid.optim.lr=[0.1]`) instead."""
     raw = copy.deepcopy(raw)
-    for key, value in parse_overrides(overrides):
+    pairs = parse_overrides(overrides)
+    if sweep:
+        pairs = [(k if k.split(".")[0] in SweepConfig.model_fields else f"base.{k}", v) for k, v in pairs]
+        axes = raw.get("grid") if isinstance(raw.get("grid"), dict) else {}
+        for key, _ in pairs:
+            path = key.removeprefix("base.")
+            axis = next((a for a in axes if path == a or path.startswith(a + ".")), None) if key != path else None
+            if axis is not None:
+                raise UsageError(f"override {path!r}: {axis!r} is a grid axis, whose values replace the base's; "
+                                 f"override the axis instead, e.g. grid.{axis}=[...]")
+    pairs.sort(key=lambda kv: kv[0].removeprefix("base.") not in (*_COMPONENTS, *(f"{c}.name" for c in _COMPONENTS)))
+    for key, value in pairs:
         for section in ("grid.", "search.space."):  # their keys are dotted trial paths themselves
             if key.startswith(section) and len(key) > len(section):
                 node = raw
@@ -310,6 +354,36 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         else:
             _set_path(raw, key, value)
     return raw
+
+
+BUNDLED = Path(__file__).resolve().parent / "configs"  # the sweeps that ship with exitbench
+
+
+def bundled_sweeps() -> dict[str, Path]:
+    """Bundled sweep name -> its YAML (bench/configs/NAME.yaml); a sweep may be named instead of given as a path."""
+    return {path.stem: path for path in sorted(BUNDLED.glob("*.yaml"))}
+
+
+def describe_bundled(path: Path) -> str:
+    """A bundled sweep's first comment line (each file opens with what it is)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_config(given: str | Path) -> Path:
+    """A config file, or a bundled sweep's name (`default`, `l2w-ablation`, ...); a file of that name wins."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    bundled = bundled_sweeps()
+    name = str(given).removesuffix(".yaml")
+    if name in bundled and not path.exists():
+        return bundled[name]
+    hint = did_you_mean(name, list(bundled)) if "/" not in str(given) else ""
+    raise UsageError(f"config file {str(given)!r} does not exist{hint}; give a YAML file or a bundled sweep's name "
+                     f"({', '.join(bundled)})")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -331,7 +405,7 @@ def validate_trial(raw: dict[str, Any], where: str = "") -> TrialConfig:
     try:
         return TrialConfig.model_validate(raw)
     except ValidationError as err:
-        msg = describe_validation_error(err)
+        msg = describe_validation_error(err, model=TrialConfig)
         raise ConfigError(f"{msg} ({where})" if where else msg) from None
     except ConfigError as err:
         raise ConfigError(f"{err} ({where})" if where else str(err)) from None
@@ -341,7 +415,7 @@ def validate_sweep(raw: dict[str, Any]) -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err)) from None
+        raise ConfigError(describe_validation_error(err, model=SweepConfig)) from None
 
 
 def load_trial(path: str | Path | None, overrides: list[str] = ()) -> TrialConfig:
@@ -354,7 +428,7 @@ def is_sweep(raw: dict[str, Any]) -> bool:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
-    return validate_sweep(apply_overrides(read_yaml(path), list(overrides)))
+    return validate_sweep(apply_overrides(read_yaml(path), list(overrides), sweep=True))
 
 
 def to_yaml(cfg: BaseModel) -> str:

@@ -663,7 +663,9 @@ def cli_check(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    info = splits.info
+    # make_splits sets the common facts; the rest are what the built-in datasets add (a user's may not).
+    info = {"files": "(not reported by this dataset)", "val_indices_sha1": "?", "val_in_train": False,
+            "train_transform": "(not reported)", "eval_transform": "(not reported)", **splits.info}
     seed_note = f"seed {info['split_seed']}, sha1 {info['val_indices_sha1'][:12]}"
     val_note = "inside train (train_on_val)" if info["val_in_train"] else "held out of train"
     calib_from = {"heldout": "val", "train": "the augmented training split (flagged)",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -91,7 +95,8 @@ class Registry:
         if name in self._presets:
             name = self._presets[name].base
         if name not in self._entries:
-            raise UsageError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.all_names())}")
+            raise UsageError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.all_names())}; "
+                             f"valid: {', '.join(self.all_names())}")
         return self._entries[name]
 
     def params(self, name: str, values: dict[str, Any] | BaseModel | None = None, where: str = "") -> BaseModel:
@@ -106,7 +111,7 @@ class Registry:
         try:
             return entry.params.model_validate(merged)
         except ValidationError as err:
-            raise ConfigError(describe_validation_error(err, prefix=where or self.kind)) from None
+            raise ConfigError(describe_validation_error(err, prefix=where or self.kind, model=entry.params)) from None
 
     def build(self, name: str, values: dict[str, Any] | BaseModel | None = None, **context: Any) -> Any:
         entry = self.get(name)
@@ -135,13 +140,31 @@ def defaults_of(model: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
-def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line naming the dotted field, the bad value and what is allowed (first error only)."""
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices` (difflib), or ""."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the (nested) pydantic model at `loc` inside `model`; [] where it is not a model."""
+    for part in loc:
+        info = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        ann = info.annotation if info is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """One line naming the dotted field, the bad value and what is allowed (first error only); an unknown
+    field gets the closest valid name of `model`'s fields at that place."""
     first = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
     field_name = ".".join(p for p in (prefix, loc) if p)
     if first["type"] == "extra_forbidden":
-        return f"unknown field {field_name!r}"
+        parts = tuple(p for p in first["loc"] if p != "__root__")
+        hint = did_you_mean(str(parts[-1]), _fields_at(model, parts[:-1])) if parts else ""
+        return f"unknown field {field_name!r}{hint}"
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
@@ -155,8 +178,81 @@ METHODS = Registry("method")
 
 _COMPONENT_MODULES = ("bench.backbones", "bench.data", "methods")
 
+# Out-of-tree components: an installed package declares an entry point in one of these groups (its module
+# registers with the decorators above when imported), or a file/folder is named with `--include PATH`.
+ENTRY_POINT_GROUPS = ("exitbench.methods", "exitbench.backbones", "exitbench.datasets")
+_entry_points_loaded = False
+_included: list[str] = []  # absolute paths given to include(), in order (Ray trials import them again)
+
 
 def load_all() -> None:
-    """Import every module that registers components (idempotent)."""
+    """Import every module that registers components, then the installed plugins (idempotent)."""
     for module in _COMPONENT_MODULES:
         importlib.import_module(module)
+    load_entry_points()
+
+
+def load_entry_points() -> None:
+    """Import the module of every `exitbench.*` entry point of the installed distributions (once)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for group in ENTRY_POINT_GROUPS:
+        for ep in entry_points(group=group):
+            _import_plugin(ep.load, f"plugin {ep.name!r} (entry point {group}: {ep.value})")
+
+
+def included() -> list[str]:
+    return list(_included)
+
+
+def include(paths: list[str]) -> None:
+    """Import a .py file, or every .py file of a folder (name order, `_*` skipped), so that the components they
+    register exist; the folder (or the file's folder) goes on sys.path for their own imports."""
+    for given in paths:
+        path = Path(given).expanduser().resolve()
+        if str(path) in _included:
+            continue
+        if path.is_dir():
+            files = sorted(f for f in path.glob("*.py") if not f.name.startswith("_"))
+            folder = path
+        elif path.is_file() and path.suffix == ".py":
+            files, folder = [path], path.parent
+        else:
+            raise UsageError(f"--include {given}: no such .py file or folder; give a Python file that registers "
+                             f"components or a folder of them")
+        _included.append(str(path))
+        for module in _COMPONENT_MODULES:  # built-ins first, so that a clash of names blames the plugin
+            importlib.import_module(module)
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
+        for file in files:
+            _import_plugin(lambda file=file: _import_file(file), f"--include {file}")
+
+
+def _import_file(file: Path) -> None:
+    name = file.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(file):
+        return
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+
+
+def _import_plugin(load: Callable[[], Any], what: str) -> None:
+    try:
+        load()
+    except UsageError:
+        raise
+    except Exception as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        raise UsageError(f"{what} failed to load: {type(err).__name__}: {lines[0] if lines else ''}") from None

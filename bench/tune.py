@@ -38,7 +38,7 @@ import yaml
 from ray import tune
 
 from bench import results
-from bench.config import SweepConfig, _set_path, load_sweep, read_yaml, validate_sweep
+from bench.config import SweepConfig, _set_path, load_sweep, read_yaml, resolve_config, validate_sweep
 from bench.errors import UsageError
 from bench.results import ResultRecord
 
@@ -206,11 +206,14 @@ def restore_checkpoint(checkpoint, dest: Path) -> None:
     raise FileNotFoundError(f"no readable {CHECKPOINT} in the checkpoints of {parent}")
 
 
-def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: float, cwd: str) -> None:
+def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: float, cwd: str,
+              includes: tuple[str, ...] = ()) -> None:
     """Tune function trainable: train one trial, report each epoch with its checkpoint, store the record."""
     import torch
 
-    from bench import train
+    from bench import registry, train
+
+    registry.include(list(includes))  # the driver's --include plugins, in this worker too
 
     started = time.time()
     torch.set_num_threads(max(1, int(cpus)))
@@ -356,8 +359,10 @@ def _reporter(sweep: SweepConfig):
 
 
 def _trainable(sweep: SweepConfig, sweep_dir: str):
+    from bench.registry import included
+
     trainable = tune.with_parameters(run_trial, sweep_dir=sweep_dir, sweep_name=sweep.name,
-                                     cpus=sweep.resources.cpu, cwd=os.getcwd())
+                                     cpus=sweep.resources.cpu, cwd=os.getcwd(), includes=tuple(included()))
     return tune.with_resources(trainable, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
 
 
@@ -610,7 +615,7 @@ def cli_sweep(args) -> int:
     if args.resume:
         if args.name and args.name != args.resume:
             raise UsageError(f"--name {args.name} and --resume {args.resume} disagree; give only --resume NAME")
-        raw = read_yaml(args.config) if args.config else {}
+        raw = read_yaml(resolve_config(args.config)) if args.config else {}
         extra = [o for o in args.overrides if not o.startswith("storage_path=")]
         if extra:
             raise UsageError(f"--resume continues a sweep as it was defined; only storage_path=... may be given, "
@@ -620,7 +625,7 @@ def cli_sweep(args) -> int:
             storage = item.partition("=")[2] or storage
         outcome = resume_sweep(args.resume, str(storage), address=args.address, quiet=args.quiet)
     else:
-        path = args.config
+        path = resolve_config(args.config) if args.config else None
         if path is None:
             if not DEFAULT_SWEEP.is_file():
                 raise UsageError(f"no sweep file given and the bundled default sweep {DEFAULT_SWEEP} does not exist; "

@@ -14,7 +14,8 @@ def test_list_shows_registries(run_cli):
 def test_list_json(run_cli):
     code, out, _ = run_cli("list", "--json")
     listing = json.loads(out)
-    assert code == 0 and set(listing) == {"backbones", "datasets", "methods"}
+    assert code == 0 and set(listing) == {"backbones", "datasets", "methods", "sweeps"}
+    assert {"default", "l2w-ablation"} <= {s["name"] for s in listing["sweeps"]}
     tiny = next(r for r in listing["backbones"] if r["name"] == "tiny")
     assert tiny["params"]["widths"] == [16, 32, 48, 64]
 

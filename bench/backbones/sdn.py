@@ -26,10 +26,8 @@ from collections import OrderedDict
 from typing import Literal
 
 import torch
-import torchvision
 from pydantic import Field
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from bench.backbones.contract import MultiExitNet
 from bench.errors import ConfigError
@@ -52,6 +50,8 @@ class CifarResNet(nn.Module):
     Shape-changing shortcuts are 1x1 conv + BN (option B, as SDN's ResNet-56); torchvision's attribute names."""
 
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
+        from torchvision.models.resnet import BasicBlock  # torchvision.models takes ~1 s to import: only when built
+
         super().__init__()
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
@@ -181,6 +181,8 @@ def make_head(kind: str, shape: torch.Size, num_classes: int, pool_size: int) ->
 # model -------------------------------------------------------
 def local_weights_path(arch: str) -> str:
     """Where torch hub caches `arch`'s default torchvision weights (the only place `pretrained` reads)."""
+    import torchvision
+
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
@@ -190,6 +192,8 @@ def build_classifier(arch: str, num_classes: int, in_channels: int, pretrained: 
         if pretrained:
             raise ConfigError(f"backbone.pretrained: {arch} has no pretrained weights; set pretrained=false")
         return CifarResNet(CIFAR_RESNETS[arch], num_classes, in_channels)
+    import torchvision
+
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
         raise ConfigError(f"backbone.arch: unknown {arch!r}; valid: {', '.join([*CIFAR_RESNETS, *available])}")
@@ -264,3 +268,39 @@ BACKBONES.add_preset("sdn-resnet18", "sdn", doc="ResNet-18, an exit after each o
 BACKBONES.add_preset("sdn-resnet50", "sdn", doc="ResNet-50, exits mid-stage and after layer1..layer3 (light heads)",
                      arch="resnet50", cuts=["layer1", "layer2.1", "layer2", "layer3.2", "layer3"],
                      head="pool_linear")
+
+
+def cut_points(arch: str, in_channels: int = 3) -> list[str]:
+    """Every layer name of `arch` that `cuts` may use, in forward order."""
+    model = build_classifier(arch, 10, in_channels, pretrained=False)
+    family = type(model).__name__
+    if family not in FAMILIES:
+        raise ConfigError(f"backbone.arch: {arch} ({family}) cannot be split; supported families: "
+                          f"{', '.join(FAMILIES)}")
+    return cut_names([(n, getattr(model, n)) for n in FAMILIES[family][0]])
+
+
+def cli_list_cuts(args) -> int:
+    """`exitbench flops BACKBONE [arch=...] --list-cuts`: the valid cut points, the configured ones marked."""
+    import json
+
+    from bench.config import parse_overrides
+    from bench.errors import UsageError
+    from bench.registry import load_all
+
+    load_all()
+    if BACKBONES.get(args.backbone).factory is not sdn:
+        raise UsageError(f"--list-cuts: {args.backbone} has fixed exits; only sdn backbones (sdn, "
+                         f"{', '.join(BACKBONES.presets('sdn'))}) are cut at named layers")
+    values = {key.removeprefix("backbone."): value for key, value in parse_overrides(args.options)}
+    params = BACKBONES.params(args.backbone, values)
+    valid = cut_points(params.arch, args.in_channels)
+    if args.json:
+        print(json.dumps({"backbone": args.backbone, "arch": params.arch, "cuts": params.cuts, "valid": valid},
+                         indent=2))
+        return 0
+    print(f"{args.backbone} ({params.arch}): {len(valid)} cut points in forward order; * = in cuts (an exit "
+          f"after that layer); set with cuts=[a,b,...]")
+    for name in valid:
+        print(f"  {'*' if name in params.cuts else ' '} {name}")
+    return 0
