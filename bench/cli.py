@@ -112,6 +112,13 @@ def command(fn):
     return fn
 
 
+def _reader_gone() -> int:
+    """The reader of our stdout went away (`exitbench budget ... --json | head`): not an error of ours. Point
+    stdout at devnull so the interpreter's own flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # what a Unix tool stopped by SIGPIPE reports (128 + 13), without a traceback
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -129,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
         return code
     except BrokenPipeError:
-        # The reader went away (`exitbench budget ... --json | head`): not an error of ours. Point stdout at
-        # devnull so the interpreter's own flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # what a Unix tool killed by SIGPIPE reports (128 + 13), without a traceback
+        return _reader_gone()
+    except SystemExit:  # --help: argparse printed and exits; its text may meet a closed pipe too
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise SystemExit(_reader_gone()) from None
+        raise
     except UsageError as err:
         if debug:
             raise

@@ -207,6 +207,9 @@ class SweepConfig(Section):
     storage_path: str = "runs"
     search: SearchConfig = Field(default_factory=SearchConfig)
     report: dict[str, Any] = Field(default_factory=dict)
+    # Opt-in trackers through Ray Tune's callbacks, e.g. {wandb: {project: p}} or {mlflow: {tracking_uri: u}};
+    # the options are those of ray.air.integrations' WandbLoggerCallback / MLflowLoggerCallback.
+    loggers: dict[Literal["wandb", "mlflow"], dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("seeds")
     @classmethod

@@ -139,6 +139,9 @@ class Tables:
     epochs: pd.DataFrame
     latency: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"trial_id": []}))
 
+    def __iter__(self):  # `runs, exits, budgets, epochs = load(d)` works as well as `load(d).runs`
+        return iter((self.runs, self.exits, self.budgets, self.epochs))
+
 
 def load(sweep_dir: str | Path) -> Tables:
     """The four tables of a sweep's store (failed trials included, with their error)."""

@@ -344,18 +344,58 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
     return space
 
 
-def _reporter(sweep: SweepConfig):
-    params = {"point/trial/method/name": "method", "point/trial/data/name": "dataset",
-              "point/trial/backbone/name": "backbone", "point/trial/seed": "seed"}
-    flat = [results.flatten(p["trial"]) for p in grid_points(sweep)]
-    shown = ("method.name", "data.name", "backbone.name", "seed")
-    varied = [k for k in flat[0] if k not in shown and len({json.dumps(f.get(k)) for f in flat}) > 1]
-    for key in varied[:4]:  # what else tells grid points apart (e.g. method.exit_weights, optim.lr)
-        params["point/trial/" + key.replace(".", "/")] = key
+def varied_columns(sweep: SweepConfig) -> dict[str, str]:
+    """The live table's parameter columns: what the grid varies (a component axis shows its name and the
+    options its values spell out), the seed, and the searched fields; never a component's untouched defaults."""
+    columns: dict[str, str] = {}
+    for path, values in sweep.grid.items():
+        keys = [path]
+        if all(isinstance(v, (dict, str)) for v in values) and path.split(".")[-1] in ("data", "backbone", "method"):
+            given = [v if isinstance(v, dict) else {"name": v} for v in values]
+            keys = [f"{path}.{k}" for k in dict.fromkeys(k for v in given for k in v)
+                    if len({json.dumps(v.get(k), sort_keys=True) for v in given}) > 1]
+        for key in keys:
+            columns["point/trial/" + key.replace(".", "/")] = key
+    if len(sweep.seeds) > 1 or not columns:
+        columns["point/trial/seed"] = "seed"
     for path in sweep.search.space:
-        params[f"search/{path}"] = path
-    return tune.CLIReporter(parameter_columns=params, metric_columns={"epoch": "epoch", "val_acc_last": "val_acc_last"},
+        columns[f"search/{path}"] = path
+    return columns
+
+
+def _reporter(sweep: SweepConfig):
+    return tune.CLIReporter(parameter_columns=varied_columns(sweep),
+                            metric_columns={"epoch": "epoch", "val_acc_last": "val_acc_last"},
                             max_report_frequency=30, max_progress_rows=40, max_error_rows=10, max_column_length=30)
+
+
+# Opt-in experiment trackers, through Ray Tune's own logger callbacks: field -> (package, module, class, the
+# option that names the run group, set to the sweep's name unless given)
+LOGGERS = {"wandb": ("wandb", "ray.air.integrations.wandb", "WandbLoggerCallback", "project"),
+           "mlflow": ("mlflow", "ray.air.integrations.mlflow", "MLflowLoggerCallback", "experiment_name")}
+
+
+def logger_callbacks(sweep: SweepConfig) -> list:
+    """Ray Tune's W&B / MLflow callbacks for the trackers a sweep opts into (`loggers: {wandb: {...}}`)."""
+    import importlib
+    import importlib.util
+
+    callbacks = []
+    for name, options in sweep.loggers.items():
+        package, module, class_name, group = LOGGERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise UsageError(f"loggers.{name}: the {package} package is not installed; pip install {package} "
+                             f"(on every node of the cluster), or drop loggers.{name}")
+        cls = getattr(importlib.import_module(module), class_name)
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            valid = [p for p in params if p != "self"]
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise UsageError(f"loggers.{name}.{unknown[0]}: not an option of Ray's {class_name}; valid: "
+                                 f"{', '.join(valid)}")
+        callbacks.append(cls(**{group: sweep.name, **options}))
+    return callbacks
 
 
 def _trainable(sweep: SweepConfig, sweep_dir: str):
@@ -387,7 +427,7 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, quiet: bool):
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0 if quiet else 1,
         progress_reporter=None if quiet else _reporter(sweep),
-        callbacks=[StoreCallback(sweep_dir, sweep.name)],
+        callbacks=[StoreCallback(sweep_dir, sweep.name), *logger_callbacks(sweep)],
         sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's run/ folder goes to its trial folder
         failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded; --resume retries it
     )
@@ -416,6 +456,7 @@ def preflight(sweep: SweepConfig) -> None:
     if res.gpu == 0 and any(t.device.startswith("cuda") for t in sweep.trials()):
         raise UsageError("device=cuda needs resources.gpu > 0 (Ray hides GPUs from trials that ask for none); "
                          "set resources.gpu=1 (or 0.5 to share) or device=auto")
+    logger_callbacks(sweep)  # a tracker whose package is missing: one line now, not a failed sweep later
     if sweep.report:
         from bench.report import build_report
 
@@ -584,7 +625,8 @@ def _fit(sweep: SweepConfig, sweep_dir: str, address: str | None, quiet: bool, r
             run_config = tuner._local_tuner.get_run_config()  # the stored one: this call's --quiet and folder
             run_config.verbose = 0 if quiet else 1
             run_config.progress_reporter = None if quiet else _reporter(sweep)
-            run_config.callbacks = [StoreCallback(sweep_dir, sweep.name)]  # the folder may have moved
+            run_config.callbacks = [StoreCallback(sweep_dir, sweep.name),  # the folder may have moved
+                                    *logger_callbacks(sweep)]
         else:
             _write_text(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(sweep.model_dump(), sort_keys=False))
             tuner = _tuner(sweep, sweep_dir, quiet)
