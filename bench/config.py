@@ -93,6 +93,9 @@ class TrialConfig(Section):
     device: str = "auto"
     amp: bool = False
     deterministic: bool = False
+    # torch's intra-op threads. Float sums split over threads round differently, so the same seed gives the
+    # same numbers only at the same thread count; None = torch's default (all cores). Sweeps set resources.cpu.
+    threads: int | None = Field(None, ge=1)
     progress: bool = True
     out_dir: str = "runs/train"
     init: InitConfig | None = None  # weights to start from (fine-tuning); null: fresh initialisation

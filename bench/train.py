@@ -195,6 +195,8 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     """
     started = time.time()
     run_dir = Path(run_dir or cfg.out_dir)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
     bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
@@ -301,7 +303,8 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
-        seed=cfg.seed, versions=package_versions(), git_commit=git_commit(),
+        seed=cfg.seed, versions={**package_versions(), "torch_threads": str(torch.get_num_threads())},
+        git_commit=git_commit(),
         wall_time_s=time.time() - started, train_images_per_s=train_images / train_time if train_time else 0.0,
         counter=cost.counter, calibration=bundle.calibration,
         data_info={k: v for k, v in bundle.info.items() if k != "val_indices"}, epochs=history, exits=exits,

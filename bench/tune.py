@@ -132,6 +132,9 @@ def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     for index, cfg in enumerate(sweep.trials()):
         raw = cfg.model_dump()  # python mode: JSON mode would turn inf (e.g. data.noise) into null
         raw["progress"] = False  # no tqdm bars inside Ray workers
+        # The thread count is part of the result (float sums round per thread split): fixed and recorded, so
+        # `exitbench train` of a trial's config.yaml gives its numbers again.
+        raw["threads"] = raw["threads"] or max(1, int(sweep.resources.cpu))
         label = f"{raw['method']['name']}-{raw['data']['name']}-{raw['backbone']['name']}-s{raw['seed']}"
         points.append({"index": index, "label": label, "trial": raw})
     return points
@@ -651,6 +654,17 @@ def _print_summary(outcome: Outcome) -> None:
     print(f"results store: {outcome.sweep_dir}/store (bench.results.load; `exitbench report {outcome.sweep_dir}`)")
 
 
+def _write_environment(path: Path, sweep: SweepConfig) -> None:
+    import platform
+
+    from bench.train import git_commit, package_versions
+
+    threads = sweep.base.threads or max(1, int(sweep.resources.cpu))
+    env = {"sweep": sweep.name, "versions": package_versions(), "torch_threads_per_trial": threads,
+           "machine": platform.machine(), "git_commit": git_commit()}
+    results.atomic_write_text(path, json.dumps(env, indent=1) + "\n")
+
+
 def cli_sweep(args) -> int:
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # `sweep key=value ...`: no file
@@ -683,6 +697,8 @@ def cli_sweep(args) -> int:
         from bench.report import build_report
 
         written = build_report(outcome.sweep_dir, **sweep.report)
+        if written:  # what made these numbers: they are reproducible with the same versions and thread count
+            _write_environment(written[0].parent / "environment.json", sweep)
         print(f"report: {len(written)} files in {written[0].parent}" if written else "report: nothing written")
     sys.stdout.flush()
     return 1 if outcome.failed else 130 if outcome.unfinished else 0

@@ -20,3 +20,10 @@ def test_l2w_speed_bad_arguments(args, message):
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_startup_bad_arguments():
+    script = SCRIPT.parent / "cli_startup.py"
+    done = subprocess.run([sys.executable, str(script), "--runs", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert "--runs: expected an integer >= 1, got '0'" in done.stderr
