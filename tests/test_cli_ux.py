@@ -385,3 +385,19 @@ def test_live_table_columns_are_the_grid_s_varied_keys():
     assert tune.varied_columns(one) == {"point/trial/seed": "seed", "search/optim.lr": "optim.lr"}
     reporter = tune._reporter(default)
     assert "method.label_smoothing" not in reporter._parameter_columns.values()
+
+
+@pytest.mark.slow
+def test_included_plugin_runs_in_sweep_trials(ray_session, run_cli, fresh_registries, tmp_path):
+    """Ray trials import the driver's --include paths themselves (their processes never saw the flag)."""
+    (tmp_path / "plugin_sweep.py").write_text(PLUGIN.format(name="plugged-sweep"))
+    raw = {"name": "plugged", "seeds": [0], "storage_path": str(tmp_path / "runs"),
+           "base": {"data": {"name": "synthetic", "num_classes": 3, "image_size": 8, "train_size": 48,
+                             "test_size": 24, "val_size": 0.25}, "backbone": {"name": "tiny", "widths": [4, 8]},
+                    "method": {"name": "plugged-sweep"}, "epochs": 1, "batch_size": 16, "device": "cpu"}}
+    path = tmp_path / "plugged.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli("--include", tmp_path / "plugin_sweep.py", "sweep", path, "--quiet")
+    assert code == 0, out + err
+    runs = results.load(tmp_path / "runs" / "plugged").runs
+    assert list(runs["status"]) == ["finished"] and list(runs["config.method.name"]) == ["plugged-sweep"]

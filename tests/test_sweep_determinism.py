@@ -39,6 +39,10 @@ def test_a_sweep_twice_gives_identical_tables_equal_to_train(ray_session, run_cl
         assert len(first[name]) and list(first[name]["method"].unique()) == ["distill", "uniform"]
         pd.testing.assert_frame_equal(first[name], second[name], check_exact=True)
 
+    # Each trial folder holds Ray Tune's TensorBoard event files (README: Logs)
+    trial_dirs = [d for d in (tmp_path / "runs" / "first").iterdir() if (d / "params.json").is_file()]
+    assert len(trial_dirs) == 2 and all(list(d.glob("events.out.tfevents.*")) for d in trial_dirs)
+
     # What made them is recorded: the versions, the thread count (in the config too) ...
     assert (runs["config.threads"] == 1).all()
     record = results.load_record(tmp_path / "runs" / "first", runs["trial_id"].iloc[0])
