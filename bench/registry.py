@@ -234,10 +234,13 @@ def include(paths: list[str]) -> None:
 
 
 def _import_file(file: Path) -> None:
-    name = file.stem
+    name = file.stem  # its own name, so that other plugins can import it
     loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, "__file__", None) == str(file):
-        return
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) == str(file):
+            return
+        raise UsageError(f"--include {file}: a module named {name!r} is loaded already (from "
+                         f"{getattr(loaded, '__file__', None) or 'built-in'}); rename the file")
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -114,6 +114,7 @@ def fresh_registries(monkeypatch):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, reg)
     monkeypatch.setattr(registry, "_included", [])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # include() adds the plugins' folders
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     before = set(sys.modules)
     yield fresh
@@ -307,9 +308,10 @@ def test_include_a_file_or_a_folder(run_cli, fresh_registries, tmp_path):
     (None, "no such .py file or folder"),
     ("raise ImportError('needs the foo package')\n", "failed to load: ImportError: needs the foo package"),
     (PLUGIN.format(name="uniform"), "failed to load: ValueError: method 'uniform' is registered twice"),
+    ("x = 1\n", "a module named 'yaml' is loaded already"),
 ])
 def test_bad_includes_are_one_line(run_cli, fresh_registries, tmp_path, content, message):
-    path = tmp_path / "plugin_bad.py"
+    path = tmp_path / ("yaml.py" if "yaml" in message else "plugin_bad.py")
     if content is not None:
         path.write_text(content)
     code, out, err = run_cli("--include", path, "list")
