@@ -54,3 +54,17 @@ def test_a_sweep_twice_gives_identical_tables_equal_to_train(ray_session, run_cl
     strip = [{k: v for k, v in row.items() if k not in TIMES} for row in again.epochs]
     assert strip == [{k: v for k, v in row.items() if k not in TIMES} for row in record.epochs]
     assert again.exits == record.exits and again.summary == record.summary
+
+
+def test_a_report_folder_records_what_made_its_numbers(tmp_path):
+    import json
+
+    from bench import tune
+    from bench.config import bundled_sweeps, load_sweep
+
+    sweep = load_sweep(bundled_sweeps()["default"])
+    tune._write_environment(tmp_path / "environment.json", sweep)
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["sweep"] == "default" and env["torch_threads_per_trial"] == 1
+    assert {"python", "torch", "ray", "numpy"} <= set(env["versions"]) and env["machine"]
+    assert [p["trial"]["threads"] for p in tune.grid_points(sweep)] == [1] * 9
