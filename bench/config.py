@@ -434,7 +434,12 @@ def is_sweep(raw: dict[str, Any]) -> bool:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
-    return validate_sweep(apply_overrides(read_yaml(path), list(overrides), sweep=True))
+    raw = read_yaml(path)
+    trial_only = sorted(set(raw) & set(TrialConfig.model_fields) - set(SweepConfig.model_fields))
+    if trial_only and not is_sweep(raw):
+        raise UsageError(f"{str(path)!r} is a trial config ({trial_only[0]}: ...), not a sweep; run it with "
+                         f"`exitbench train {path}`, or put it under `base:` with a grid")
+    return validate_sweep(apply_overrides(raw, list(overrides), sweep=True))
 
 
 def to_yaml(cfg: BaseModel) -> str:

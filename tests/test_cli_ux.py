@@ -44,6 +44,13 @@ def test_sweep_override_of_a_grid_axis_names_the_axis():
     assert {t.method["name"] for t in sweep.trials()} == {"uniform"}
 
 
+def test_a_trial_file_given_to_sweep_says_so(run_cli, tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("epochs: 2\nmethod: {name: l2w}\n")
+    code, out, err = run_cli("sweep", path, "--quiet")
+    assert code == 2 and "is a trial config (epochs: ...), not a sweep" in one_line(err)
+
+
 def _help_examples(capsys, command: str) -> list[list[str]]:
     from bench.cli import main
 
