@@ -21,9 +21,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import bench, torch, torchvision, ray, fvcore, pytest"
 	touch $(VENV)/.installed $@
 
-# The default sweep, under a fresh name each time (runs/default-<time>/), reported into results/default/.
+# The default sweep in a fresh folder each time (runs/<time>/default/), reported into results/default/; its name
+# stays `default`, so two runs give identical tables (the name is their title).
 run: $(VENV)/.installed
-	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep --name default-$$(date +%Y%m%d-%H%M%S)
+	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep default storage_path=runs/$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed-dev
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
