@@ -303,8 +303,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
-        seed=cfg.seed, versions={**package_versions(), "torch_threads": str(torch.get_num_threads())},
-        git_commit=git_commit(),
+        seed=cfg.seed, versions=package_versions(), git_commit=git_commit(),
         wall_time_s=time.time() - started, train_images_per_s=train_images / train_time if train_time else 0.0,
         counter=cost.counter, calibration=bundle.calibration,
         data_info={k: v for k, v in bundle.info.items() if k != "val_indices"}, epochs=history, exits=exits,

@@ -654,17 +654,6 @@ def _print_summary(outcome: Outcome) -> None:
     print(f"results store: {outcome.sweep_dir}/store (bench.results.load; `exitbench report {outcome.sweep_dir}`)")
 
 
-def _write_environment(path: Path, sweep: SweepConfig) -> None:
-    import platform
-
-    from bench.train import git_commit, package_versions
-
-    threads = sweep.base.threads or max(1, int(sweep.resources.cpu))
-    env = {"sweep": sweep.name, "versions": package_versions(), "torch_threads_per_trial": threads,
-           "machine": platform.machine(), "git_commit": git_commit()}
-    results.atomic_write_text(path, json.dumps(env, indent=1) + "\n")
-
-
 def cli_sweep(args) -> int:
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # `sweep key=value ...`: no file
@@ -697,8 +686,6 @@ def cli_sweep(args) -> int:
         from bench.report import build_report
 
         written = build_report(outcome.sweep_dir, **sweep.report)
-        if written:  # what made these numbers: they are reproducible with the same versions and thread count
-            _write_environment(written[0].parent / "environment.json", sweep)
         print(f"report: {len(written)} files in {written[0].parent}" if written else "report: nothing written")
     sys.stdout.flush()
     return 1 if outcome.failed else 130 if outcome.unfinished else 0

@@ -56,15 +56,12 @@ def test_a_sweep_twice_gives_identical_tables_equal_to_train(ray_session, run_cl
     assert again.exits == record.exits and again.summary == record.summary
 
 
-def test_a_report_folder_records_what_made_its_numbers(tmp_path):
-    import json
-
+def test_sweep_trials_run_at_the_sweep_s_thread_count():
     from bench import tune
     from bench.config import bundled_sweeps, load_sweep
 
-    sweep = load_sweep(bundled_sweeps()["default"])
-    tune._write_environment(tmp_path / "environment.json", sweep)
-    env = json.loads((tmp_path / "environment.json").read_text())
-    assert env["sweep"] == "default" and env["torch_threads_per_trial"] == 1
-    assert {"python", "torch", "ray", "numpy"} <= set(env["versions"]) and env["machine"]
-    assert [p["trial"]["threads"] for p in tune.grid_points(sweep)] == [1] * 9
+    assert [p["trial"]["threads"] for p in tune.grid_points(load_sweep(bundled_sweeps()["default"]))] == [1] * 9
+    two = load_sweep(bundled_sweeps()["default"], ["resources.cpu=2", "seeds=[0]"])
+    assert {p["trial"]["threads"] for p in tune.grid_points(two)} == {2}
+    fixed = load_sweep(bundled_sweeps()["default"], ["threads=3", "seeds=[0]"])  # a trial field wins
+    assert {p["trial"]["threads"] for p in tune.grid_points(fixed)} == {3}
