@@ -430,7 +430,8 @@ def load_trial(path: str | Path | None, overrides: list[str] = ()) -> TrialConfi
 
 
 def is_sweep(raw: dict[str, Any]) -> bool:
-    return any(k in raw for k in ("base", "grid", "seeds", "resources", "storage_path"))
+    """A mapping with any field that only a sweep has (base, grid, seeds, search, loggers, ...)."""
+    return any(k in raw for k in set(SweepConfig.model_fields) - set(TrialConfig.model_fields))
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
