@@ -9,6 +9,11 @@ A MultiExitNet is a stem, K stages and K heads. Exit k reads the state after sta
 `boundary(k, state) -> (to_head, to_next)` is the point between stages where a strategy may act on
 gradients (gradient equilibrium rescales the two paths differently). A state is a tensor or any
 nested list/tuple/dict of tensors; `map_state` applies a function to every tensor in it.
+
+Optional: `head_embedded(k, state) -> (logits, embedding)`, the embedding being the [N, D_k] vector the
+head's final linear layer reads; with it `forward(x, embeddings=True)` returns (logits, embeddings) from
+the same single pass (BYOT's feature hints). `head_module(k)` names the module of head k (training
+regimes freeze everything else); the default is `self.heads[k]`.
 """
 
 from __future__ import annotations
@@ -43,19 +48,62 @@ class MultiExitNet(nn.Module):
     def head(self, k: int, state: State) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, upto: int | None = None, boundary: Boundary | None = None) -> list:
-        """Logits of exits 1..upto (all exits by default), in order."""
+    def head_embedded(self, k: int, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional: (logits, embedding) of head k, the embedding being what its final linear layer reads."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-exit embeddings")
+
+    @property
+    def has_embeddings(self) -> bool:
+        return type(self).head_embedded is not MultiExitNet.head_embedded
+
+    def head_module(self, k: int) -> nn.Module:
+        """The module holding head k's parameters and buffers (nothing of the stem or the stages)."""
+        return self.heads[k]
+
+    def forward(self, x: torch.Tensor, upto: int | None = None, boundary: Boundary | None = None,
+                embeddings: bool = False) -> list | tuple[list, list]:
+        """Logits of exits 1..upto (all exits by default), in order; with `embeddings`, (logits, embeddings)."""
         upto = self.num_exits if upto is None else upto
         if not 1 <= upto <= self.num_exits:
             raise ValueError(f"upto must be in 1..{self.num_exits}, got {upto}")
         state = self.stem(x)
-        outputs = []
+        outputs, embeds = [], []
         for k in range(upto):
             state = self.stage(k, state)
             to_head, to_next = boundary(k, state) if boundary is not None else (state, state)
-            outputs.append(self.head(k, to_head))
+            if embeddings:
+                logits, embedding = self.head_embedded(k, to_head)
+                embeds.append(embedding)
+            else:
+                logits = self.head(k, to_head)
+            outputs.append(logits)
             state = to_next
-        return outputs
+        return (outputs, embeds) if embeddings else outputs
+
+
+def sequential_head_embedded(head: nn.Module, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits, input of the last nn.Linear) of a head built from nested nn.Sequential containers, whose
+    forward is the composition of its leaves; None if the head has no Linear layer."""
+    modules = list(leaves(head))
+    last = max((i for i, m in enumerate(modules) if isinstance(m, nn.Linear)), default=None)
+    if last is None:
+        return None
+    embedding = state
+    for m in modules[:last]:
+        embedding = m(embedding)
+    logits = embedding
+    for m in modules[last:]:
+        logits = m(logits)
+    return logits, embedding
+
+
+def leaves(module: nn.Module):
+    """The modules of nested nn.Sequential containers in forward order."""
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            yield from leaves(child)
+    else:
+        yield module
 
 
 class Truncated(nn.Module):

@@ -199,7 +199,10 @@ class Classifier(nn.Module):
         self.linear = nn.Linear(hidden, num_classes)
 
     def forward(self, x: list) -> torch.Tensor:
-        return self.linear(self.m(x[-1]).flatten(1))
+        return self.linear(self.embed(x))
+
+    def embed(self, x: list) -> torch.Tensor:
+        return self.m(x[-1]).flatten(1)
 
 
 def scales_at(p: MSDNetParams, layer: int, n_layers: int) -> tuple[int, int]:
@@ -247,6 +250,13 @@ class MSDNet(MultiExitNet):
 
     def head(self, k, state):
         return self.classifier[k](state)
+
+    def head_embedded(self, k, state):
+        embedding = self.classifier[k].embed(state)
+        return self.classifier[k].linear(embedding), embedding
+
+    def head_module(self, k):
+        return self.classifier[k]
 
 
 @BACKBONES.register("msdnet", MSDNetParams)

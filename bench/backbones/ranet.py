@@ -156,7 +156,10 @@ class Head(nn.Module):
         self.linear = nn.Linear(width, num_classes)
 
     def forward(self, x):
-        return self.linear(self.pool(self.convs(x)).flatten(1))
+        return self.linear(self.embed(x))
+
+    def embed(self, x):
+        return self.pool(self.convs(x)).flatten(1)
 
 
 def check(p: RANetParams) -> None:
@@ -272,6 +275,10 @@ class RANet(MultiExitNet):
 
     def head(self, k, state):
         return self.heads[k](state["x"])
+
+    def head_embedded(self, k, state):
+        embedding = self.heads[k].embed(state["x"])
+        return self.heads[k].linear(embedding), embedding
 
 
 @BACKBONES.register("ranet", RANetParams)

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bench.backbones.contract import MultiExitNet
+from bench.backbones.contract import MultiExitNet, leaves, sequential_head_embedded
 from bench.errors import ConfigError
 from bench.registry import BACKBONES, Params
 
@@ -252,6 +252,16 @@ class SDN(MultiExitNet):
 
     def head(self, k, state):
         return self.heads[k](state)
+
+    def head_embedded(self, k, state):
+        out = sequential_head_embedded(self.heads[k], state)
+        if out is None:
+            raise NotImplementedError(f"exit {k + 1}'s head has no linear layer, hence no embedding")
+        return out
+
+    @property
+    def has_embeddings(self) -> bool:  # a classifier tail without a Linear (SqueezeNet's conv) has none
+        return all(any(isinstance(m, nn.Linear) for m in leaves(h)) for h in self.heads)
 
 
 @BACKBONES.register("sdn", SDNParams)

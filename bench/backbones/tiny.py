@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from bench.backbones.contract import MultiExitNet
+from bench.backbones.contract import MultiExitNet, sequential_head_embedded
 from bench.registry import BACKBONES, Params
 
 
@@ -45,6 +45,9 @@ class TinyNet(MultiExitNet):
 
     def head(self, k, state):
         return self.heads[k](state)
+
+    def head_embedded(self, k, state):
+        return sequential_head_embedded(self.heads[k], state)
 
 
 @BACKBONES.register("tiny", TinyParams)
