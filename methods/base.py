@@ -65,6 +65,8 @@ class Strategy:
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """zero_grad, backward, step (through the AMP scaler when AMP is on)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if not loss.requires_grad:  # reaches nothing trainable (`last` on a frozen backbone): no update
+            return
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -4,7 +4,9 @@
 
 The teacher is detached. `teacher: last` (default, as IMTA) uses p_teacher = softmax(z_K / T) for every
 exit; `mean_later` uses, for exit k, the mean of softmax(z_j / T) over the later exits j = k+1..K (an
-ensemble of everything deeper than k).
+ensemble of everything deeper than k); `all_later` distils exit k from every later exit separately and sums,
+gamma * T^2 * sum_{j>k} KL(softmax(z_j / T) || softmax(z_k / T)) (HDKD's dense distillation, without its
+bi-level loss weights).
 
 `kl_reduction: batchmean` (default) sums the KL over classes and averages over samples, the true KL.
 `imta_mean` reproduces IMTA's `nn.KLDivLoss()` default ('mean' over samples x classes), which divides the
@@ -28,7 +30,7 @@ from methods.base import Strategy, measure, per_exit_ce
 class DistillParams(Params):
     temperature: float = Field(1.0, gt=0, description="softmax temperature T")
     gamma: float = Field(0.1, ge=0, le=1, description="weight of the distillation term for exits 1..K-1")
-    teacher: Literal["last", "mean_later"] = "last"
+    teacher: Literal["last", "mean_later", "all_later"] = "last"
     kl_reduction: Literal["batchmean", "imta_mean"] = Field(
         "batchmean", description="imta_mean: IMTA code's KLDivLoss() default, also divided by the class count")
 
@@ -45,8 +47,14 @@ def distill_loss(logits: list[torch.Tensor], losses: torch.Tensor, p: DistillPar
     # imta_mean: KLDivLoss()'s 'mean' over samples x classes, written out (torch plans to change 'mean').
     per_class = logits[0].shape[1] if p.kl_reduction == "imta_mean" else 1
     for k in range(K - 1):
-        target = soft[-1] if p.teacher == "last" else torch.stack(soft[k + 1:]).mean(0)
-        kl = F.kl_div(F.log_softmax(logits[k] / T, dim=1), target, reduction="batchmean") / per_class
+        if p.teacher == "last":
+            targets = [soft[-1]]
+        elif p.teacher == "mean_later":
+            targets = [torch.stack(soft[k + 1:]).mean(0)]
+        else:
+            targets = soft[k + 1:]
+        student = F.log_softmax(logits[k] / T, dim=1)
+        kl = sum(F.kl_div(student, t, reduction="batchmean") for t in targets) / per_class
         objective = objective + (1 - gamma) * ce[k] + gamma * T * T * kl
     return objective
 
