@@ -60,6 +60,20 @@ class InitConfig(Section):
     strict: bool = True
 
 
+class RegimeConfig(Section):
+    """Training regime (Kubaty et al. 2024; SDN's IC-only), run by bench/regime.py. joint: the strategy trains
+    everything throughout. disjoint / mixed: phase 1 (`phase1` of the epochs) trains the backbone with the
+    last exit only; phase 2 trains the earlier exits' heads on the frozen backbone (disjoint) or everything
+    (mixed) with the strategy."""
+
+    name: Literal["joint", "disjoint", "mixed"] = "joint"
+    phase1: float = Field(0.5, gt=0, lt=1, description="fraction of the epochs in phase 1 (disjoint, mixed)")
+
+    def phase1_epochs(self, epochs: int) -> int:
+        """round(phase1 * epochs), at least one epoch in each phase; 0 for joint."""
+        return 0 if self.name == "joint" else min(epochs - 1, max(1, round(self.phase1 * epochs)))
+
+
 def _component(registry: Registry, section: str, value: Any) -> dict[str, Any]:
     """Validate a `{name, **params}` section against the registry; return it fully defaulted."""
     load_all()
@@ -87,6 +101,7 @@ class TrialConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    regime: RegimeConfig = Field(default_factory=RegimeConfig)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = Field(0, ge=0)
@@ -114,6 +129,18 @@ class TrialConfig(Section):
     @classmethod
     def _method(cls, v: Any) -> dict[str, Any]:
         return _component(METHODS, "method", v)
+
+    @field_validator("regime", mode="before")
+    @classmethod
+    def _regime(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v  # `regime: mixed` (a grid axis of names)
+
+    @model_validator(mode="after")
+    def _two_phases(self) -> TrialConfig:
+        if self.regime.name != "joint" and self.epochs < 2:
+            raise ConfigError(f"regime.name: {self.regime.name} has two phases and needs epochs >= 2, "
+                              f"got epochs={self.epochs}")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -33,7 +33,7 @@ from bench import backbones
 from bench import data as data_mod
 from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml, validate_trial
 from bench.errors import UsageError
-from bench.registry import METHODS
+from bench.regime import Regime
 from bench.results import ResultRecord, atomic_write_bytes, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
@@ -215,13 +215,13 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         raise UsageError(f"the training split has {bundle.info.get('train_size')} samples: fewer than one batch")
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model)
-    method = dict(cfg.method)
-    strategy = METHODS.build(method.pop("name"), method, model=model, optimizer=optimizer,
-                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp,
-                             readout=readout)
+    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)  # joint, or two phases (bench/regime.py)
+    strategy = regime.build_strategy(cfg.method, model=model, optimizer=optimizer, total_steps=total_steps,
+                                     steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp, readout=readout)
     # After the strategy: parameter groups it adds (a readout's weights) follow the schedule too.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg.schedule, min(it, total_steps - 1), total_steps, steps_per_epoch))
+        optimizer, lambda it: lr_factor(cfg.schedule, *regime.schedule_position(min(it, total_steps - 1)),
+                                        steps_per_epoch))
     loader_generator = bundle.train.generator
     if cfg.init is not None and not (resume and (run_dir / CHECKPOINT).is_file()):
         from bench.backbones.checkpoint import init_from
@@ -247,7 +247,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     metrics_lines = [json.dumps(h) for h in history]
     K = model.num_exits
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        regime.begin_epoch(epoch, model, optimizer)
         epoch_lr = optimizer.param_groups[0]["lr"]
         t0 = time.time()
         loss_sum, exit_loss_sum, exit_correct, seen = 0.0, torch.zeros(K), torch.zeros(K), 0
@@ -273,6 +273,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         val_acc = exit_accuracy(model, bundle.val, device, readout)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
+            "phase": regime.phase(epoch),
             "lr": epoch_lr,
             "loss": loss_sum / seen,
             "time_s": epoch_time,
