@@ -149,3 +149,27 @@ def test_bad_values_are_one_line_exit_2(run_cli, tmp_path, overrides, message):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("exitbench: error: "), err
     assert message in lines[0], lines[0]
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_sweep_over_methods_and_regimes(ray_session, run_cli, tmp_path):
+    import yaml
+
+    from bench import results
+
+    base = dict(TINY, epochs=2, deterministic=False)
+    del base["progress"]
+    sweep = {"name": "zoo", "base": base, "seeds": [0], "resources": {"cpu": 1}, "storage_path": str(tmp_path),
+             "grid": {"method": ["last", "byot", {"name": "distill", "teacher": "all_later"}],
+                      "regime": ["joint", "disjoint"]}}
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code, out, err = run_cli("sweep", path, "--quiet")
+    assert code == 0, out + err
+    assert "6 trials: 6 finished, 0 failed" in out
+    tables = results.load(tmp_path / "zoo")
+    assert sorted(zip(tables.runs["config.method.name"], tables.runs["config.regime.name"])) == sorted(
+        (m, r) for m in ("byot", "distill", "last") for r in ("joint", "disjoint"))
+    phases = tables.epochs.merge(tables.runs[["trial_id", "config.regime.name"]], on="trial_id")
+    assert len(phases) == 12  # joint: phase 1 throughout; disjoint (2 epochs): epoch 1 is phase 1, epoch 2 phase 2
+    assert (phases["phase"] == phases["epoch"].where(phases["config.regime.name"] == "disjoint", 1)).all()

@@ -64,7 +64,8 @@ def softmax(z, T=1.0):
     return e / e.sum(1, keepdims=True)
 
 
-def ce(z, y=Y.numpy()):
+def ce(z):
+    y = Y.numpy()
     return float(np.mean(-np.log(softmax(z)[np.arange(len(y)), y])))
 
 
@@ -227,14 +228,18 @@ def test_byot_without_hint_and_identity_projection():
 
 
 def test_byot_projections_survive_a_checkpoint():
-    s = strategy("byot", ToyWithEmbeddings())
+    model = ToyWithEmbeddings()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    s = METHODS.build("byot", {}, model=model, optimizer=opt, total_steps=2)
     s.step(X, Y, 0)
     s.step(X, Y, 1)
     other = strategy("byot", ToyWithEmbeddings())
     other.load_state_dict(s.state_dict())
     for a, b in zip(s.projections.parameters(), other.projections.parameters()):
         assert torch.equal(a, b)
-    assert other.projection_optimizer.state_dict()["state"].keys() == s.projection_optimizer.state_dict()["state"].keys()
+    momentum = other.projection_optimizer.state_dict()["state"]
+    assert momentum.keys() == s.projection_optimizer.state_dict()["state"].keys() and momentum
+    assert other.projection_optimizer.param_groups[0]["momentum"] == 0.9
 
 
 def test_byot_hint_on_a_backbone_without_embeddings():
