@@ -62,6 +62,8 @@ class Regime:
     def begin_epoch(self, epoch: int, model: MultiExitNet, optimizer: torch.optim.Optimizer) -> None:
         """Train mode and trainable parameters for the epoch (called instead of model.train())."""
         model.train()
+        if self.name == "joint":
+            return
         frozen = self.name == "disjoint" and self.phase(epoch) == 2
         for p in model.parameters():
             p.requires_grad_(not frozen)
@@ -72,7 +74,7 @@ class Regime:
                 head.train()
                 for p in head.parameters():
                     p.requires_grad_(True)
-        if self.name != "joint" and epoch == self.phase1_epochs:
+        if epoch == self.phase1_epochs:
             optimizer.state.clear()  # phase 2 starts with fresh momentum, as a new run would
 
 
