@@ -322,8 +322,8 @@ def _set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool
     parts = path.split(".")
     node = tree
     for part in parts[:-1]:
-        if isinstance(node.get(part), str) and part in _COMPONENTS:
-            node[part] = {"name": node[part]}  # `method: l2w` is short for `method: {name: l2w}`
+        if isinstance(node.get(part), str) and part in (*_COMPONENTS, "regime"):
+            node[part] = {"name": node[part]}  # `method: l2w` is short for `method: {name: l2w}`; `regime: mixed` too
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]

@@ -173,3 +173,12 @@ def test_sweep_over_methods_and_regimes(ray_session, run_cli, tmp_path):
     phases = tables.epochs.merge(tables.runs[["trial_id", "config.regime.name"]], on="trial_id")
     assert len(phases) == 12  # joint: phase 1 throughout; disjoint (2 epochs): epoch 1 is phase 1, epoch 2 phase 2
     assert (phases["phase"] == phases["epoch"].where(phases["config.regime.name"] == "disjoint", 1)).all()
+
+
+def test_a_section_given_by_name_keeps_it_under_dotted_overrides(run_cli, tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("regime: disjoint\nbackbone: msdnet-cifar-budget\n")
+    code, out, err = run_cli("config", "show", path, "regime.phase1=0.3", "backbone.nBlocks=3")
+    assert code == 0, err
+    assert "regime:\n  name: disjoint\n  phase1: 0.3\n" in out
+    assert "backbone:\n  name: msdnet-cifar-budget\n" in out and "  nBlocks: 3\n" in out
