@@ -113,7 +113,6 @@ def test_phase_lengths():
         validate_trial({"regime": "disjoint", "epochs": 1})
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method, regime", [
     ("last", "disjoint"),  # phase 2 has nothing to train: it completes without an update
     ("byot", "disjoint"),
