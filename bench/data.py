@@ -15,12 +15,15 @@ copy it page by page (Python lists of tuples get their refcounts touched on ever
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
+import io
 import pickle
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +225,23 @@ class FileImages(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
+@contextlib.contextmanager
+def _removed_on_failure(root: Path):
+    """A download that fails leaves no folder behind that it created (the outermost missing one of `root`)."""
+    root = root.absolute()
+    created = None
+    for folder in [root, *root.parents]:
+        if folder.exists():
+            break
+        created = folder
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 def _where(path: Path) -> str:
     return str(path.expanduser().absolute())
 
@@ -320,7 +340,8 @@ def _cifar_folder(name: str, root: Path, download: bool) -> Path:
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
-            cls(str(root), train=True, download=True)
+            with _removed_on_failure(root):
+                cls(str(root), train=True, download=True)
         except Exception as err:  # network, disk, checksum: one line for the user
             raise UsageError(f"{name}: download into {_where(root)} failed: {str(err).splitlines()[0]}") from None
         return root / sub
@@ -329,15 +350,55 @@ def _cifar_folder(name: str, root: Path, download: bool) -> Path:
                      f"set data.root=DIR (the folder holding {sub}/) or data.download=true")
 
 
+def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as pickle protocol 2 uses it for bytes, and for nothing else."""
+    if encoding.replace("-", "").lower() not in ("latin1", "latin", "iso88591") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not part of a CIFAR batch")
+    return text.encode("latin1", errors)
+
+
+def _plain_dtype(*args, **kwargs) -> np.dtype:
+    dtype = np.dtype(*args, **kwargs)
+    if dtype.hasobject:  # object arrays unpickle arbitrary objects of their own
+        raise pickle.UnpicklingError(f"numpy dtype {dtype} (holds Python objects) is not part of a CIFAR batch")
+    return dtype
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR python batches without running code from the file: a batch is a dict of lists, str/bytes,
+    ints and uint8 numpy arrays, so the only globals admitted are those that rebuild a plain numpy array
+    (and `_codecs.encode` for latin-1 bytes, as protocol 2 writes them). Anything else (a `__reduce__` that
+    calls os.system, an object array) is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        reconstruct = getattr(getattr(np, "_core", None) or np.core, "multiarray")._reconstruct
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): _plain_dtype,
+            ("_codecs", "encode"): _latin1_encode,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not part of a CIFAR batch")
+        return allowed[(module, name)]
+
+
+def load_cifar_batch(data: bytes) -> Any:
+    """One CIFAR python batch (a pickle) read with CifarUnpickler."""
+    return CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
 def _read_cifar(name: str, folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for f in files:
         try:
-            with open(folder / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
+            batch = load_cifar_batch((folder / f).read_bytes())
+            if not isinstance(batch, dict):
+                raise ValueError(f"holds a {type(batch).__name__}, not a dict")
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[label_key], dtype=np.int64))
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError) as err:
             raise UsageError(f"{name}: {_where(folder / f)} is not a CIFAR python batch ({type(err).__name__}: "
                              f"{err}); re-download it (data.download=true after removing the folder)") from None
     return np.concatenate(images), np.concatenate(labels)
@@ -419,8 +480,9 @@ def _fmnist_folder(root: Path, download: bool) -> tuple[Path, list[Path]]:
         import torchvision
 
         try:
-            for train in (True, False):
-                torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+            with _removed_on_failure(root):
+                for train in (True, False):
+                    torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
         except Exception as err:
             raise UsageError(f"fashion-mnist: download into {_where(root)} failed: {str(err).splitlines()[0]}"
                              ) from None
