@@ -240,6 +240,8 @@ class SweepConfig(Section):
     # Opt-in trackers through Ray Tune's callbacks, e.g. {wandb: {project: p}} or {mlflow: {tracking_uri: u}};
     # the options are those of ray.air.integrations' WandbLoggerCallback / MLflowLoggerCallback.
     loggers: dict[Literal["wandb", "mlflow"], dict[str, Any]] = Field(default_factory=dict)
+    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept per trial, newest first (Ray Tune's "
+                                         "CheckpointConfig.num_to_keep); null keeps every epoch's")
 
     @field_validator("seeds")
     @classmethod
@@ -274,6 +276,18 @@ class SweepConfig(Section):
                     point = copy.deepcopy(raw)
                     _set_path(point, path, copy.deepcopy(value))
                     validate_trial(point, where=f"search.space.{path}={value!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_points(self) -> SweepConfig:
+        seen: dict[str, dict[str, Any]] = {}
+        for combo, trial in zip(itertools.product(*self.grid.values()), self.trials()[::len(self.seeds)]):
+            point = dict(zip(self.grid, combo))
+            key = trial.model_dump_json()
+            if key in seen:  # the report would count the copies as seeds (std 0)
+                raise ConfigError(f"grid: the points {seen[key]} and {point} are the same trial; give each value "
+                                  f"of an axis once")
+            seen[key] = point
         return self
 
     def trials(self) -> list[TrialConfig]:

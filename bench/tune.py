@@ -21,15 +21,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import itertools
 import json
 import logging
+import math
 import os
+import random
 import re
 import shutil
 import socket
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,9 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "logits.pt", "result.json")
 EPOCH_METRICS = re.compile(r"^(loss|lr|time_s|images_per_s|val_acc_last|(val_acc|train_acc|train_loss)_\d+)$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")  # Tune's names for a trial's persisted checkpoints
+RESUME_DIR = "checkpoint_resume"  # in a trial folder: the checkpoint its current attempt continued from
+JOBS_FILE = "jobs.json"  # the expanded sweep: every trial's key, label and full config
+LOCK_FILE = "driver.lock"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -126,34 +133,79 @@ def _read_text(location: str) -> str | None:
 # The trial: one grid point (plus sampled search values) -> bench.train.run
 
 
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else json.dumps(value, separators=(",", ":")).strip('"')
+
+
 def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Every grid point x seed as a validated, fully defaulted trial dict with a short label."""
+    """Every grid point x seed as a validated, fully defaulted trial dict with a label that names the point:
+    method-dataset-backbone, then each varied axis (`lr=0.1`; a section given whole is named by its position
+    on the axis, `method=2`), then the seed."""
+    combos = [dict(zip(sweep.grid, values)) for values in itertools.product(*sweep.grid.values())]
     points = []
     for index, cfg in enumerate(sweep.trials()):
+        combo = combos[index // len(sweep.seeds)]
         raw = cfg.model_dump()  # python mode: JSON mode would turn inf (e.g. data.noise) into null
         raw["progress"] = False  # no tqdm bars inside Ray workers
         # The thread count is part of the result (float sums round per thread split): fixed and recorded, so
         # `exitbench train` of a trial's config.yaml gives its numbers again.
         raw["threads"] = raw["threads"] or max(1, int(sweep.resources.cpu))
-        label = f"{raw['method']['name']}-{raw['data']['name']}-{raw['backbone']['name']}-s{raw['seed']}"
+        varied = [f"{path.rsplit('.', 1)[-1]}="
+                  + (str(sweep.grid[path].index(value)) if isinstance(value, dict) else _short(value))
+                  for path, value in combo.items() if len(sweep.grid[path]) > 1]
+        label = "-".join([raw["method"]["name"], raw["data"]["name"], raw["backbone"]["name"], *varied,
+                          f"s{raw['seed']}"])
         points.append({"index": index, "label": label, "trial": raw})
     return points
 
 
+def _sample(dist: dict[str, list[Any]], rng: random.Random) -> Any:
+    kind, args = next(iter(dist.items()))
+    if kind == "choice":
+        return copy.deepcopy(rng.choice(args))
+    if kind == "randint":
+        return rng.randrange(args[0], args[1])
+    if kind == "loguniform":
+        return math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
+    return rng.uniform(args[0], args[1])
+
+
+def expand(sweep: SweepConfig, uid: str) -> list[dict[str, Any]]:
+    """The sweep's jobs: every grid point x seed x search sample, with its search values drawn here (a seeded
+    stream, so the jobs are a pure function of the sweep) and a key `<uid>_<NNNNN>` that names its trial in the
+    store and its trial folder for good, whichever driver runs it."""
+    rng = random.Random(0)
+    jobs = []
+    for point in grid_points(sweep):
+        for _ in range(sweep.search.num_samples):
+            raw = copy.deepcopy(point["trial"])
+            label = point["label"]
+            for path, dist in sweep.search.space.items():
+                value = _sample(dist, rng)
+                _set_path(raw, path, value)
+                label = label.rsplit("-s", 1)[0] + f"-{path.rsplit('.', 1)[-1]}={_short(value)}-s{raw['seed']}"
+            jobs.append({"key": f"{uid}_{len(jobs):05d}", "label": label, "trial": raw})
+    return jobs
+
+
 def trial_dict(tune_config: dict[str, Any]) -> dict[str, Any]:
-    """The trial dict of a Tune config: its grid point with the sampled search values set."""
-    raw = copy.deepcopy(tune_config["point"]["trial"])
-    for path, value in (tune_config.get("search") or {}).items():
-        _set_path(raw, path, value.item() if hasattr(value, "item") else value)  # numpy scalars -> Python
-    return raw
+    """The trial dict of a Tune config (its job's)."""
+    return copy.deepcopy(tune_config["job"]["trial"])
 
 
-def _failed_record(trial_id: str, sweep_name: str, raw: dict[str, Any], error: str, wall_time: float = 0.0):
+def trial_dirname(job: dict[str, Any]) -> str:
+    label = re.sub(r"[^A-Za-z0-9._=,-]+", "-", job.get("label", "trial"))
+    return f"{job['key']}_{label}"[:100]
+
+
+def _failed_record(trial_id: str, sweep_name: str, raw: dict[str, Any], error: str, wall_time: float = 0.0,
+                   retried_with: list[str] | None = None):
     from bench.train import git_commit, package_versions
 
     return ResultRecord(trial_id=trial_id, sweep=sweep_name, status="failed", error=error, config=raw,
                         seed=int(raw.get("seed", 0)), versions=package_versions(), git_commit=git_commit(),
-                        wall_time_s=wall_time)
+                        wall_time_s=wall_time,
+                        summary={"retried_with": " ".join(retried_with)} if retried_with else {})
 
 
 def _describe(err: BaseException) -> str:
@@ -175,43 +227,72 @@ def _report(metrics: dict[str, Any], run_dir: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def restore_checkpoint(checkpoint, dest: Path) -> None:
-    """Copy the trial's engine checkpoint that Tune hands back to `dest`; if it does not load (a copy cut
-    short by a crash), the newest of the trial's other checkpoint_NNNNNN folders that does.
+def _fs(location: str):
+    import pyarrow.fs as pafs
 
-    Tune's experiment state names that checkpoint, and its iteration count goes with it, so it is preferred
-    even when the trial folder holds newer ones (after a driver crash the state can lag a few epochs: those
-    epochs are trained again, exactly). All checkpoints are kept (no num_to_keep): Tune refuses to restore a
-    trial whose recorded checkpoint was deleted, and a crash can leave the state naming a deleted one.
+    return pafs.FileSystem.from_uri(location) if is_uri(location) else (pafs.LocalFileSystem(), location)
+
+
+def _epochs_in(fs, folder: str) -> int:
+    """Epochs a checkpoint folder claims (lines of its metrics.jsonl): the order in which to try them."""
+    try:
+        with fs.open_input_stream(f"{folder}/metrics.jsonl") as f:
+            return sum(1 for line in f.readall().decode().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return -1
+
+
+def restore_checkpoint(trial_dir: str, dest: Path) -> bool:
+    """Continue a trial from its own folder: copy the newest of its checkpoints that loads to `dest` (the
+    engine's run folder) and keep it as `checkpoint_resume/`, then drop the numbered ones of the previous
+    attempt (Tune numbers each attempt's checkpoints from 0 again, and the retention limit counts only its own).
+    Returns False if the trial has no readable checkpoint (it starts from epoch 0).
+
+    Nothing here depends on Ray Tune's experiment state: a crash that truncated it, or a retention limit that
+    deleted the checkpoint it names, leaves this path intact. A copy cut short by a crash does not load and
+    the next older one is taken.
     """
     import pyarrow.fs as pafs
     import torch
 
     from bench.train import CHECKPOINT
 
-    fs, given = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent = given.rsplit("/", 1)[0]
-    found = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    folders = {f.path for f in found if f.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(f.base_name)}
-
-    def index(folder: str) -> int:
-        match = CHECKPOINT_DIR.fullmatch(folder.rsplit("/", 1)[-1])
-        return int(match.group(1)) if match else -1
-
-    for folder in [given, *sorted(folders - {given}, key=index, reverse=True)]:
+    fs, root = _fs(trial_dir)
+    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    numbered = [f.path for f in found if f.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(f.base_name)]
+    kept = [f.path for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith(RESUME_DIR)]
+    for folder in sorted(numbered + kept, key=lambda f: _epochs_in(fs, f), reverse=True):
         try:
             with fs.open_input_stream(f"{folder}/{CHECKPOINT}") as src:
                 dest.write_bytes(src.readall())
             torch.load(dest, map_location="cpu", weights_only=True)  # a copy cut short by a crash does not load
-            return
-        except Exception:  # missing (deleted) or truncated: try the next older one
+        except Exception:  # missing or truncated: try the next older one
             dest.unlink(missing_ok=True)
-    raise FileNotFoundError(f"no readable {CHECKPOINT} in the checkpoints of {parent}")
+            continue
+        resume = f"{root}/{RESUME_DIR}"
+        if folder != resume:  # keep the one resumed from under a fixed name, written before the others go
+            staging = f"{resume}.tmp"
+            if folder != staging:
+                fs.delete_dir_contents(staging, missing_dir_ok=True)
+                fs.create_dir(staging)
+                for name in (CHECKPOINT, "metrics.jsonl"):
+                    if fs.get_file_info(f"{folder}/{name}").type == pafs.FileType.File:
+                        fs.copy_file(f"{folder}/{name}", f"{staging}/{name}")
+            if fs.get_file_info(resume).type == pafs.FileType.Directory:
+                fs.delete_dir(resume)
+            fs.move(staging, resume)
+        for old in numbered:
+            fs.delete_dir(old)
+        return True
+    return False
 
 
 def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: float, cwd: str,
               includes: tuple[str, ...] = ()) -> None:
-    """Tune function trainable: train one trial, report each epoch with its checkpoint, store the record."""
+    """Tune function trainable: train one job, report each epoch with its checkpoint, store the record.
+
+    The job's key (not Tune's trial id, which a rebuilt run does not keep) names the trial in the store, and
+    its trial folder holds the checkpoints it continues from."""
     import torch
 
     from bench import registry, train
@@ -225,10 +306,11 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
     if Path(cwd).is_dir():
         os.chdir(cwd)  # relative paths (data.root) mean what they mean to `exitbench train` in that folder
     store = Store(sweep_dir)
-    trial_id = tune.get_context().get_trial_id()
+    job = config["job"]
+    trial_id = job["key"]
     raw = trial_dict(config)
-    if store.status(trial_id) == "finished":
-        return  # finished and stored before the driver died, not yet marked so in Tune's state: never rerun
+    if store.status(trial_id) in ("finished", "stopped"):
+        return  # stored before the driver died: never rerun
     # The engine's run folder, local to the worker; one name per trial, so a resumed trial first clears what a
     # killed attempt left behind.
     sweep_hash = hashlib.sha1(sweep_dir.encode()).hexdigest()[:8]
@@ -240,9 +322,8 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
             from bench.config import validate_trial
 
             cfg = validate_trial(raw)
-            checkpoint = tune.get_checkpoint()
-            if checkpoint is not None:  # resuming: the engine continues exactly from its own checkpoint
-                restore_checkpoint(checkpoint, scratch / train.CHECKPOINT)
+            # resuming: the engine continues exactly from its own checkpoint
+            restore_checkpoint(f"{sweep_dir}/{trial_dirname(job)}", scratch / train.CHECKPOINT)
 
             def on_epoch(row: dict[str, Any], run_dir: Path) -> None:
                 if row["epoch"] >= cfg.epochs:
@@ -251,8 +332,11 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
 
             record = train.run(cfg, scratch, on_epoch=on_epoch, resume=True, trial_id=trial_id, sweep=sweep_name)
         except Exception as err:
-            store.write(_failed_record(trial_id, sweep_name, raw, _describe(err), time.time() - started))
+            store.write(_failed_record(trial_id, sweep_name, raw, _describe(err), time.time() - started,
+                                       job.get("retried_with")))
             raise
+        if job.get("retried_with"):
+            record.summary["retried_with"] = " ".join(job["retried_with"])
         store.write(record)
         out = workdir / RUN_FOLDER
         out.mkdir(parents=True, exist_ok=True)
@@ -269,19 +353,11 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
 
 
 def _trial_name(trial) -> str:
-    return trial.trial_id
+    return trial.config["job"]["key"]
 
 
 def _trial_dirname(trial) -> str:
-    label = re.sub(r"[^A-Za-z0-9._-]+", "-", trial.config.get("point", {}).get("label", "trial"))
-    return f"{trial.trial_id}_{label}"[:100]
-
-
-def _trial_id_of(result) -> str:
-    tid = (result.metrics or {}).get("trial_id")
-    if tid:
-        return tid
-    return "_".join(Path(result.path).name.split("_")[:2])  # dirname is "<id>_<label>"; ids hold one "_"
+    return trial_dirname(trial.config["job"])
 
 
 def _last_line(text: str | None) -> str | None:
@@ -298,7 +374,8 @@ class StoreCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         store = Store(self.sweep_dir)
-        if store.status(trial.trial_id) == "finished":
+        key = trial.config["job"]["key"]
+        if store.status(key) == "finished":
             return  # the trainable stored its own record
         from bench.train import git_commit, package_versions
 
@@ -307,7 +384,7 @@ class StoreCallback(tune.Callback):
         seconds = sum(e.get("time_s", 0.0) for e in epochs)
         images = sum(e.get("time_s", 0.0) * e.get("images_per_s", 0.0) for e in epochs)
         store.write(ResultRecord(
-            trial_id=trial.trial_id, sweep=self.sweep_name, status="stopped", config=raw,
+            trial_id=key, sweep=self.sweep_name, status="stopped", config=raw,
             seed=int(raw.get("seed", 0)), versions=package_versions(), git_commit=git_commit(),
             wall_time_s=float(trial.last_result.get("time_total_s", 0.0)),
             train_images_per_s=images / seconds if seconds else 0.0, epochs=epochs,
@@ -315,10 +392,11 @@ class StoreCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         store = Store(self.sweep_dir)
-        if store.status(trial.trial_id) == "failed":
+        key = trial.config["job"]["key"]
+        if store.status(key) == "failed":
             return  # the trainable stored its own record, with its exception
         error = _last_line(trial.get_error()) or "the trial's worker failed (see Ray's error file)"
-        store.write(_failed_record(trial.trial_id, self.sweep_name, trial_dict(trial.config), error))
+        store.write(_failed_record(key, self.sweep_name, trial_dict(trial.config), error))
 
 
 def _epochs_of(trial) -> list[dict[str, Any]]:
@@ -335,18 +413,6 @@ def _epochs_of(trial) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _param_space(sweep: SweepConfig) -> dict[str, Any]:
-    space: dict[str, Any] = {"point": tune.grid_search(grid_points(sweep))}
-    makers = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
-    search = {}
-    for path, dist in sweep.search.space.items():
-        kind, args = next(iter(dist.items()))
-        search[path] = tune.choice(args) if kind == "choice" else makers[kind](*args)
-    if search:
-        space["search"] = search
-    return space
-
-
 def varied_columns(sweep: SweepConfig) -> dict[str, str]:
     """The live table's parameter columns: what the grid varies (a component axis shows its name and the
     options its values spell out), the seed, and the searched fields; never a component's untouched defaults."""
@@ -361,8 +427,8 @@ def varied_columns(sweep: SweepConfig) -> dict[str, str]:
             columns["point/trial/" + key.replace(".", "/")] = key
     if len(sweep.seeds) > 1 or not columns:
         columns["point/trial/seed"] = "seed"
-    for path in sweep.search.space:
-        columns[f"search/{path}"] = path
+    for path in sweep.search.space:  # drawn into each job's trial dict (see expand)
+        columns["point/trial/" + path.replace(".", "/")] = path
     return columns
 
 
@@ -416,12 +482,14 @@ def _max_epochs(sweep: SweepConfig) -> int:
     return max(epochs)
 
 
-def _tuner(sweep: SweepConfig, sweep_dir: str, quiet: bool):
+def _tuner(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], quiet: bool, lock: DriverLock | None):
+    """A Tuner over `jobs` (explicit configs: Tune samples nothing), writing into the sweep folder. A resumed
+    sweep gets a new Tuner over its unfinished jobs: Tune's own experiment state is never read back."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
     search = sweep.search
-    if search.scheduler == "asha":
-        scheduler = AsyncHyperBandScheduler(time_attr="training_iteration", metric=search.metric, mode=search.mode,
+    if search.scheduler == "asha":  # rungs on the engine's epoch: a resumed trial reports from its epoch on
+        scheduler = AsyncHyperBandScheduler(time_attr="epoch", metric=search.metric, mode=search.mode,
                                             max_t=_max_epochs(sweep), grace_period=search.grace_period,
                                             reduction_factor=search.reduction_factor)
     else:
@@ -430,16 +498,17 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, quiet: bool):
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0 if quiet else 1,
         progress_reporter=None if quiet else _reporter(sweep),
-        callbacks=[StoreCallback(sweep_dir, sweep.name), *logger_callbacks(sweep)],
+        callbacks=[StoreCallback(sweep_dir, sweep.name), *logger_callbacks(sweep), *([lock] if lock else [])],
         sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's run/ folder goes to its trial folder
         failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded; --resume retries it
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints),
     )
-    tune_config = tune.TuneConfig(num_samples=search.num_samples, scheduler=scheduler,
+    tune_config = tune.TuneConfig(num_samples=1, scheduler=scheduler,
                                   max_concurrent_trials=sweep.max_concurrent, trial_name_creator=_trial_name,
                                   trial_dirname_creator=_trial_dirname,
                                   reuse_actors=True)  # imports (torch, Ray Tune) once per slot, not per trial
-    return tune.Tuner(_trainable(sweep, sweep_dir), param_space=_param_space(sweep), tune_config=tune_config,
-                      run_config=run_config)
+    return tune.Tuner(_trainable(sweep, sweep_dir), param_space={"job": tune.grid_search(jobs)},
+                      tune_config=tune_config, run_config=run_config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -467,6 +536,22 @@ def preflight(sweep: SweepConfig) -> None:
         unknown = sorted(set(sweep.report) - set(allowed))
         if unknown:
             raise UsageError(f"report.{unknown[0]}: unknown report option; valid: {', '.join(allowed)}")
+
+
+def check_data(trials: list[dict[str, Any]]) -> None:
+    """Build each distinct data section's splits once, here, as `exitbench train` does before training: a data
+    setting that cannot work (val_size larger than the training set, files missing) is one line before Ray
+    starts, not a failure in every trial. Only for a local Ray: a cluster's workers may see other files."""
+    from bench.data import make_splits
+
+    seen = set()
+    for raw in trials:
+        section = raw["data"]
+        key = json.dumps(section, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        make_splits(section, int(raw.get("seed", 0)))
 
 
 def _check_fits(sweep: SweepConfig, nodes: list[dict[str, float]], where: str) -> None:
@@ -542,6 +627,110 @@ def _ray_nodes() -> list[dict[str, float]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One driver per sweep folder
+
+
+class DriverLock(tune.Callback):
+    """`driver.lock` in the sweep folder: the driver's pid, host and start time, and the Ray processes it
+    started (pid and start time, refreshed while it runs). A second driver refuses while the owner lives; once
+    the owner is dead, the next driver ends the Ray processes the owner started that outlived it (they could
+    still be training into the sweep folder), checking each one's start time so a reused pid is never hit,
+    and takes the lock over. Only for sweep folders on a local or shared filesystem."""
+
+    def __init__(self, sweep_dir: str):
+        self.path = Path(sweep_dir) / LOCK_FILE
+        self.owned = False
+        self.ray: list[dict[str, float]] = []
+        self._recorded = 0.0
+
+    @staticmethod
+    def _me() -> dict[str, Any]:
+        import psutil
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": psutil.Process().create_time()}
+
+    def _write(self) -> None:
+        results.atomic_write_text(self.path, json.dumps({**self._me(), "ray": self.ray}))
+
+    @staticmethod
+    def _alive(pid: int, started: float) -> bool:
+        import psutil
+
+        try:
+            return abs(psutil.Process(pid).create_time() - started) < 0.05
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            return False
+
+    def acquire(self) -> None:
+        import psutil
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                    pid, host, started = int(owner["pid"]), str(owner["host"]), float(owner["started"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    owner = None  # cut short while its driver wrote it: no driver got past this point
+                if owner is not None and host != socket.gethostname():
+                    raise UsageError(f"sweep folder {self.path.parent} is locked by a driver on host {host} (pid "
+                                     f"{pid}); if that driver is gone, delete {self.path} and resume again") from None
+                if owner is not None and self._alive(pid, started):
+                    raise UsageError(f"sweep folder {self.path.parent} is in use by another driver (pid {pid} on "
+                                     f"this host); wait for it to end, or end it, then resume") from None
+                orphans = [psutil.Process(p["pid"]) for p in (owner or {}).get("ray", [])
+                           if self._alive(int(p["pid"]), float(p["started"]))]
+                for proc in orphans:  # Ray processes of a dead driver, started by it: still writing here
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass
+                psutil.wait_procs(orphans, timeout=10)
+                if orphans:
+                    print(f"exitbench: ended {len(orphans)} Ray processes left by the dead driver {pid}",
+                          file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            os.close(fd)
+            self._write()
+            self.owned = True
+            return
+        raise UsageError(f"sweep folder {self.path.parent}: another driver took {self.path} at the same time")
+
+    def record_ray(self) -> None:
+        """Remember the Ray processes this driver started (all its descendants: GCS, raylet, workers)."""
+        import psutil
+
+        if not self.owned:
+            return
+        procs = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                procs.append({"pid": proc.pid, "started": proc.create_time()})
+            except psutil.Error:
+                pass
+        if procs != self.ray:
+            self.ray = procs
+            self._write()
+        self._recorded = time.time()
+
+    def on_step(self, iteration, trials, **info):
+        if self.ray and time.time() - self._recorded > 2:  # new trial workers
+            self.record_ray()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.ray:
+            self.record_ray()
+
+    def release(self) -> None:
+        if self.owned:
+            self.path.unlink(missing_ok=True)
+            self.owned = False
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Running and resuming
 
 
@@ -556,23 +745,21 @@ class Outcome:
     failed: list[tuple[str, str, str, str]] = field(default_factory=list)  # (trial id, label, error, trial dir)
 
 
-def _outcome(grid, sweep: SweepConfig, sweep_dir: str) -> Outcome:
+def _outcome(jobs: list[dict[str, Any]], sweep: SweepConfig, sweep_dir: str) -> Outcome:
+    """Counted from the sweep's own state (its jobs and the store), whichever Tuner ran which job."""
     store = Store(sweep_dir)
-    out = Outcome(sweep_dir, sweep)
-    for result in grid:
-        out.trials += 1
-        tid = _trial_id_of(result)
-        label = (result.config or {}).get("point", {}).get("label", "?")
-        record = store.read(tid)
-        if result.error is None and record is None:
+    out = Outcome(sweep_dir, sweep, trials=len(jobs))
+    for job in jobs:
+        record = store.read(job["key"])
+        if record is None:
             out.unfinished += 1
-        elif result.error is None and record["status"] == "stopped":
-            out.stopped += 1
-        elif result.error is not None or record["status"] != "finished":
-            error = (record or {}).get("error") or _last_line(str(result.error)) or "no result record was stored"
-            out.failed.append((tid, label, error, str(result.path)))
-        else:
+        elif record["status"] == "finished":
             out.finished += 1
+        elif record["status"] == "stopped":
+            out.stopped += 1
+        else:
+            error = record.get("error") or "no error was recorded"
+            out.failed.append((job["key"], job["label"], error, f"{sweep_dir}/{trial_dirname(job)}"))
     return out
 
 
@@ -582,23 +769,72 @@ def sweep_location(storage_path: str, name: str) -> str:
     return str(Path(storage_path).expanduser().resolve() / name)
 
 
+def _check_storage(storage_path: str) -> None:
+    if is_uri(storage_path):
+        return
+    path = Path(storage_path).expanduser().absolute()
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(f"storage_path={storage_path}: {folder} is a file, not a folder; give a folder "
+                                 f"path (it is created if missing)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UsageError(f"storage_path={storage_path}: {folder} is not writable; give a folder you may "
+                                 f"write to")
+            return
+
+
+def _read_jobs(sweep_dir: str) -> dict[str, Any] | None:
+    text = _read_text(f"{sweep_dir}/{JOBS_FILE}")
+    if text is None:
+        return None
+    try:
+        state = json.loads(text)
+        state["jobs"] = [dict(job, key=str(job["key"]), label=str(job["label"]), trial=dict(job["trial"]))
+                         for job in state["jobs"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{sweep_dir}/{JOBS_FILE} is not a job list written by exitbench ({err}); the sweep "
+                         f"cannot be continued, start it again under another name") from None
+    return state
+
+
 def run_sweep(sweep: SweepConfig, *, address: str | None = None, quiet: bool = False) -> Outcome:
     """Start a new sweep in `<storage_path>/<name>` (which must not exist yet); returns the outcome."""
     if not NAME.match(sweep.name):
         raise UsageError(f"sweep name {sweep.name!r}: use letters, digits, '.', '_' or '-' (a single folder name)")
+    _check_storage(sweep.storage_path)
     sweep_dir = sweep_location(sweep.storage_path, sweep.name)
-    if _read_text(f"{sweep_dir}/{SWEEP_FILE}") is not None or _read_text(f"{sweep_dir}/tuner.pkl") is not None:
+    if any(_read_text(f"{sweep_dir}/{f}") is not None for f in (SWEEP_FILE, JOBS_FILE, "tuner.pkl")):
         raise UsageError(f"sweep {sweep.name!r} already exists in {sweep_dir}; continue it with `exitbench sweep "
                          f"--resume {sweep.name}` or choose another --name")
     sweep = sweep.model_copy(update={"storage_path": sweep_dir.rsplit("/", 1)[0]})
     preflight(sweep)
-    return _fit(sweep, sweep_dir, address, quiet, restore=False)
+    jobs = expand(sweep, uuid.uuid4().hex[:5])
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        check_data([job["trial"] for job in jobs])
+    return _fit(sweep, sweep_dir, jobs, address, quiet, new=True)
+
+
+def _resume_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    from bench.config import parse_overrides
+
+    pairs = []
+    for key, value in parse_overrides(overrides):
+        path = key.removeprefix("base.")
+        if path.split(".")[0] in ("grid", "seeds", "search", "resources", "name", "storage_path", "report",
+                                  "max_concurrent", "keep_checkpoints", "seed"):
+            raise UsageError(f"--resume {key}=...: only trial fields (e.g. optim.lr=0.05) may change on resume; "
+                             f"the grid, seeds and sweep settings stay as the sweep defined them")
+        pairs.append((path, value))
+    return pairs
 
 
 def resume_sweep(name_or_dir: str, storage_path: str = "runs", *, address: str | None = None,
-                 quiet: bool = False) -> Outcome:
-    """Continue sweep `name_or_dir` (a name under `storage_path`, or a sweep folder): unfinished and errored
-    trials resume from their last checkpoints, finished ones are kept as they are."""
+                 quiet: bool = False, overrides: list[str] = ()) -> Outcome:
+    """Continue sweep `name_or_dir` (a name under `storage_path`, or a sweep folder): unfinished and failed
+    trials continue from their last checkpoints, finished ones are kept as they are. With `overrides`
+    (trial fields, e.g. optim.lr=0.05) the unfinished and failed trials start again from epoch 0 with those
+    settings; the job list records them, and so does each retried trial's record (summary.retried_with)."""
     if NAME.match(name_or_dir):
         sweep_dir = sweep_location(storage_path, name_or_dir)
     else:
@@ -607,37 +843,96 @@ def resume_sweep(name_or_dir: str, storage_path: str = "runs", *, address: str |
     if text is None:
         raise UsageError(f"--resume {name_or_dir}: no sweep there ({sweep_dir}/{SWEEP_FILE} does not exist); give "
                          f"the name of a sweep under storage_path={storage_path} or its folder")
-    sweep = validate_sweep(yaml.safe_load(text))
+    try:
+        sweep = validate_sweep(yaml.safe_load(text))
+    except (yaml.YAMLError, AttributeError) as err:
+        raise UsageError(f"--resume: {sweep_dir}/{SWEEP_FILE} is not a sweep written by exitbench ({_describe(err)})"
+                         ) from None
     preflight(sweep)
-    return _fit(sweep, sweep_dir, address, quiet, restore=True)
+    state = _read_jobs(sweep_dir)
+    if state is None:
+        raise UsageError(f"--resume: {sweep_dir} has no {JOBS_FILE} (written when a sweep starts; sweeps of older "
+                         f"exitbench versions cannot be continued); start it again under another name")
+    jobs = state["jobs"]
+    changes = _resume_overrides(list(overrides))
+    if changes:
+        store = Store(sweep_dir)
+        retried = []
+        for job in jobs:
+            if store.status(job["key"]) in ("finished", "stopped"):
+                continue  # the overrides apply to unfinished and failed trials only
+            raw = copy.deepcopy(job["trial"])
+            for path, value in changes:
+                _set_path(raw, path, copy.deepcopy(value))
+            from bench.config import validate_trial
+
+            cfg = validate_trial(raw, where=f"--resume override of trial {job['key']} ({job['label']})")
+            raw = cfg.model_dump()
+            raw["progress"] = False
+            retried.append((job, raw))
+        if not retried:
+            raise UsageError(f"--resume with {' '.join(overrides)}: every trial of {sweep_dir} is finished; "
+                             f"nothing to retry with changed settings")
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            check_data([raw for _, raw in retried])
+        lock = _acquire(sweep_dir)
+        try:
+            for job, raw in retried:  # the old settings' checkpoints go first: the new settings start from 0
+                fs, root = _fs(f"{sweep_dir}/{trial_dirname(job)}")
+                import pyarrow.fs as pafs
+
+                for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+                    if info.type == pafs.FileType.Directory and (CHECKPOINT_DIR.fullmatch(info.base_name)
+                                                                 or info.base_name.startswith(RESUME_DIR)):
+                        fs.delete_dir(info.path)
+                job["trial"] = raw
+                job["retried_with"] = [*job.get("retried_with", []), *overrides]
+            _write_text(f"{sweep_dir}/{JOBS_FILE}", json.dumps(state, indent=1))
+        except BaseException:
+            if lock:
+                lock.release()
+            raise
+        return _fit(sweep, sweep_dir, jobs, address, quiet, new=False, lock=lock)
+    return _fit(sweep, sweep_dir, jobs, address, quiet, new=False)
 
 
-def _fit(sweep: SweepConfig, sweep_dir: str, address: str | None, quiet: bool, restore: bool) -> Outcome:
+def _acquire(sweep_dir: str) -> DriverLock | None:
+    if is_uri(sweep_dir):
+        return None
+    lock = DriverLock(sweep_dir)
+    lock.acquire()
+    return lock
+
+
+def _fit(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], address: str | None, quiet: bool,
+         new: bool, lock: DriverLock | None = None) -> Outcome:
     import ray
 
     if not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
         _check_fits(sweep, [_local_machine()], "this machine")  # before Ray starts
-    started_ray = connect(address, quiet)
+    if not new:
+        lock = lock or _acquire(sweep_dir)  # before Ray starts: a second driver stops here
+    started_ray = False
     try:
-        _check_fits(sweep, _ray_nodes(), "the Ray cluster")
-        if restore:
-            if not tune.Tuner.can_restore(sweep_dir):
-                raise UsageError(f"--resume: {sweep_dir} holds no Ray Tune experiment state to restore")
-            tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(sweep, sweep_dir), resume_unfinished=True,
-                                       resume_errored=True)
-            run_config = tuner._local_tuner.get_run_config()  # the stored one: this call's --quiet and folder
-            run_config.verbose = 0 if quiet else 1
-            run_config.progress_reporter = None if quiet else _reporter(sweep)
-            run_config.callbacks = [StoreCallback(sweep_dir, sweep.name),  # the folder may have moved
-                                    *logger_callbacks(sweep)]
-        else:
+        store = Store(sweep_dir)
+        todo = [job for job in jobs if store.status(job["key"]) not in ("finished", "stopped")]
+        if todo:  # a new sweep writes nothing until Ray is up and fits its trials
+            started_ray = connect(address, quiet)
+            _check_fits(sweep, _ray_nodes(), "the Ray cluster")
+        if new:
+            lock = _acquire(sweep_dir)
             _write_text(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(sweep.model_dump(), sort_keys=False))
-            tuner = _tuner(sweep, sweep_dir, quiet)
-        grid = tuner.fit()
-        return _outcome(grid, sweep, sweep_dir)
+            _write_text(f"{sweep_dir}/{JOBS_FILE}", json.dumps({"jobs": jobs}, indent=1))
+        if todo:
+            if started_ray and lock and not (address or os.environ.get("RAY_ADDRESS")):
+                lock.record_ray()
+            _tuner(sweep, sweep_dir, todo, quiet, lock).fit()
+        return _outcome(jobs, sweep, sweep_dir)
     finally:
         if started_ray:
             ray.shutdown()
+        if lock:
+            lock.release()
 
 
 def _print_summary(outcome: Outcome) -> None:
@@ -651,6 +946,8 @@ def _print_summary(outcome: Outcome) -> None:
         print(f"  failed {tid} ({label}): {error}  [traceback: {trial_dir}/error.txt]")
     if outcome.unfinished or outcome.failed:
         print(f"continue (unfinished and failed trials): exitbench sweep --resume {outcome.sweep_dir}")
+    if outcome.failed:
+        print(f"or retry them with other settings: exitbench sweep --resume {outcome.sweep_dir} optim.lr=...")
     print(f"results store: {outcome.sweep_dir}/store (bench.results.load; `exitbench report {outcome.sweep_dir}`)")
 
 
@@ -661,14 +958,13 @@ def cli_sweep(args) -> int:
         if args.name and args.name != args.resume:
             raise UsageError(f"--name {args.name} and --resume {args.resume} disagree; give only --resume NAME")
         raw = read_yaml(resolve_config(args.config)) if args.config else {}
-        extra = [o for o in args.overrides if not o.startswith("storage_path=")]
-        if extra:
-            raise UsageError(f"--resume continues a sweep as it was defined; only storage_path=... may be given, "
-                             f"not {extra[0]!r}")
+        changes = [o for o in args.overrides if not o.startswith("storage_path=")]
         storage = raw.get("storage_path", "runs")
         for item in args.overrides:
-            storage = item.partition("=")[2] or storage
-        outcome = resume_sweep(args.resume, str(storage), address=args.address, quiet=args.quiet)
+            if item.startswith("storage_path="):
+                storage = item.partition("=")[2] or storage
+        outcome = resume_sweep(args.resume, str(storage), address=args.address, quiet=args.quiet,
+                               overrides=changes)
     else:
         path = resolve_config(args.config) if args.config else None
         if path is None:
@@ -689,4 +985,3 @@ def cli_sweep(args) -> int:
         print(f"report: {len(written)} files in {written[0].parent}" if written else "report: nothing written")
     sys.stdout.flush()
     return 1 if outcome.failed else 130 if outcome.unfinished else 0
-

@@ -391,7 +391,7 @@ def test_live_table_columns_are_the_grid_s_varied_keys():
         "method.meta_objective", "seed"]
     one = load_sweep(config.bundled_sweeps()["default"], ["grid={}", "seeds=[0]", "search.num_samples=2",
                                                           "search.space={optim.lr: {loguniform: [0.01, 0.1]}}"])
-    assert tune.varied_columns(one) == {"point/trial/seed": "seed", "search/optim.lr": "optim.lr"}
+    assert tune.varied_columns(one) == {"point/trial/seed": "seed", "point/trial/optim/lr": "optim.lr"}
     reporter = tune._reporter(default)
     assert "method.label_smoothing" not in reporter._parameter_columns.values()
 

@@ -108,38 +108,89 @@ def pd_isna(value) -> bool:
     return bool(pd.isna(value))
 
 
+def _driver(path_or_args, env=None) -> subprocess.Popen:
+    """A sweep driver in its own process with its own local Ray (killing it must not touch the test's Ray)."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="", **(env or {}))
+    args = [str(a) for a in path_or_args]
+    return subprocess.Popen([sys.executable, "-m", "bench", "sweep", *args, "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(condition, driver: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None and not condition():
+        time.sleep(0.05)
+    assert driver.poll() is None, f"the driver ended before {what}: {driver.stderr.read().decode()[-2000:]}"
+    assert condition(), f"timed out waiting for {what}"
+
+
+def _ray_pids(lock: Path) -> list[tuple[int, float]]:
+    owner = json.loads(lock.read_text())
+    return [(p["pid"], p["started"]) for p in owner["ray"]]
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 0.05
+    except psutil.Error:
+        return False
+
+
+def _truncate_tune_state(sweep_dir: Path) -> None:
+    """As a kill during Tune's state save leaves it: tuner.pkl and the newest experiment state at 0 bytes."""
+    (sweep_dir / "tuner.pkl").write_bytes(b"")
+    newest = max(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    newest.write_bytes(b"")
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, run_cli, tmp_path):
+    """SIGKILL the driver mid-trial; truncate Tune's state to 0 bytes; resume in a new driver (which first ends
+    the dead driver's Ray processes, while a third driver is refused); SIGKILL that one too, right after it
+    continued a trial from its checkpoint; truncate again; the last resume finishes every trial, with metrics
+    equal to uninterrupted runs, and never runs a finished trial again."""
     data = dict(TINY["data"], train_size=400)  # epochs long enough to kill the driver inside a trial
     path = sweep_file(tmp_path, "killed", base=dict(TINY, data=data, epochs=4), max_concurrent=1)
     sweep_dir = tmp_path / "runs" / "killed"
     records = sweep_dir / "store" / "records"
+    lock = sweep_dir / "driver.lock"
 
-    def mid_way() -> list[str]:  # trials with 2 checkpoints but no record yet ("<trial id>_<label>" folders)
-        started = {"_".join(d.parent.name.split("_")[:2]) for d in sweep_dir.glob("*_*/checkpoint_000001")}
+    def mid_way() -> list[str]:  # trials with 2 checkpoints but no record yet ("<key>_<label>" folders)
+        started = {"_".join(d.parent.name.split("_")[:2]) for d in sweep_dir.glob("*_*/checkpoint_00000[1-9]")}
         return sorted(started - {p.stem for p in records.glob("*.json")})
 
-    # Tune saves its experiment state every step (not every 10 s), so it knows the checkpoints on disk at the kill
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="", TUNE_GLOBAL_CHECKPOINT_S="0")
-    driver = subprocess.Popen([sys.executable, "-m", "bench", "sweep", str(path), "--quiet"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = _driver([path])
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline and driver.poll() is None and not (list(records.glob("*.json")) and mid_way()):
-            time.sleep(0.05)
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)  # the driver only, as a crash would; its local Ray goes with it
+        _wait_for(lambda: list(records.glob("*.json")) and mid_way(), driver, "a trial was part-way")
+        orphans = _ray_pids(lock)
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only, as a crash would: its Ray processes live on
         driver.wait()
+        assert orphans and any(_alive(*p) for p in orphans)  # left behind, still running
+        killed_mid_way = mid_way()
+        done_before = {p.stem: p.stat().st_mtime_ns for p in records.glob("*.json")}
+        assert killed_mid_way and 1 <= len(done_before) < 4
+        _truncate_tune_state(sweep_dir)
+
+        driver = _driver(["--resume", sweep_dir])
+        _wait_for(lambda: lock.is_file() and json.loads(lock.read_text() or "{}").get("pid") == driver.pid,
+                  driver, "the second driver took the lock")
+        assert not any(_alive(*p) for p in orphans), "the dead driver's Ray processes were not ended"
+        code, _, err = run_cli("sweep", "--resume", str(sweep_dir), "--quiet")  # a third driver meanwhile
+        assert code == 2 and f"in use by another driver (pid {driver.pid}" in one_line(err)
+        _wait_for(lambda: list(sweep_dir.glob("*_*/checkpoint_resume")), driver,
+                  "the second driver continued a trial from its checkpoint")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _truncate_tune_state(sweep_dir)
     finally:
         _kill_group(driver.pid)
-    killed_mid_way = mid_way()
-    assert killed_mid_way, "no trial was killed part-way"
-    done_before = {p.stem: p.stat().st_mtime_ns for p in records.glob("*.json")}
-    assert 1 <= len(done_before) < 4
 
     code, out, err = run_cli("sweep", "--resume", "killed", f"storage_path={tmp_path / 'runs'}", "--quiet")
     assert code == 0, out + err
     assert "4 trials: 4 finished, 0 failed" in out
+    assert not lock.exists()
     tables = results.load(tmp_path / "runs" / "killed")
     assert len(tables.runs) == 4 and tables.runs["trial_id"].is_unique
     assert set(tables.runs["status"]) == {"finished"}
@@ -147,9 +198,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ru
     assert len(tables.exits) == 4 * 2 and len(tables.budgets) == 4 * 39
     for tid, mtime in done_before.items():  # finished before the kill: not run (nor stored) again
         assert (records / f"{tid}.json").stat().st_mtime_ns == mtime
-    for tid in killed_mid_way:  # continued from its checkpoint (Tune counts iterations since the restore) ...
-        last = json.loads(next(sweep_dir.glob(f"{tid}_*/result.json")).read_text().splitlines()[-1])
-        assert last["iterations_since_restore"] < last["training_iteration"] == 4
+    for tid in killed_mid_way:  # continued from its checkpoint, not from epoch 0 ...
+        assert next(sweep_dir.glob(f"{tid}_*/checkpoint_resume/checkpoint.pt")).is_file()
+    for trial_dir in sweep_dir.glob("*_*-s[01]"):  # retention: at most 2 numbered checkpoints per trial
+        assert len(list(trial_dir.glob("checkpoint_0*"))) <= 2, trial_dir
     _same_as_uninterrupted(sweep_dir, tables, tmp_path / "clean")  # ... and ends exactly where a clean run ends
 
     code, out, _ = run_cli("sweep", "--resume", "killed", f"storage_path={tmp_path / 'runs'}", "--quiet")
@@ -212,8 +264,8 @@ def test_bad_sweeps_are_one_line_exit_2(run_cli, tmp_path, changes, overrides, m
 def test_resume_of_a_missing_sweep_is_one_line_exit_2(run_cli, tmp_path):
     code, _, err = run_cli("sweep", "--resume", "nosuch", f"storage_path={tmp_path}")
     assert code == 2 and "--resume nosuch: no sweep there" in one_line(err)
-    code, _, err = run_cli("sweep", "--resume", "nosuch", "epochs=3")
-    assert code == 2 and "only storage_path=... may be given" in one_line(err)
+    code, _, err = run_cli("sweep", "--resume", "nosuch", f"storage_path={tmp_path}", "epochs=3")
+    assert code == 2 and "--resume nosuch: no sweep there" in one_line(err)
 
 
 def test_missing_default_sweep_is_one_line_exit_2(run_cli, monkeypatch, tmp_path):
@@ -224,16 +276,23 @@ def test_missing_default_sweep_is_one_line_exit_2(run_cli, monkeypatch, tmp_path
     assert code == 2 and "bundled default sweep" in one_line(err)
 
 
-def test_search_space_samples_apply_to_grid_points():
+def test_jobs_sample_the_search_space_on_every_grid_point_and_name_their_point():
     from bench.config import validate_sweep
-    from bench.tune import grid_points, trial_dict
+    from bench.tune import expand, grid_points, trial_dict
 
-    sweep = validate_sweep({"base": TINY, "grid": TWO_METHODS, "seeds": [3],
-                            "search": {"space": {"optim.lr": {"loguniform": [0.01, 0.5]}}}})
-    points = grid_points(sweep)
-    assert [p["label"] for p in points] == ["uniform-synthetic-tiny-s3"] * 2
-    raw = trial_dict({"point": points[1], "search": {"optim.lr": 0.05}})
-    assert raw["optim"]["lr"] == 0.05 and raw["method"]["exit_weights"] == [0.5, 1.0] and raw["progress"] is False
+    sweep = validate_sweep({"base": TINY, "grid": {**TWO_METHODS, "optim.momentum": [0.0, 0.9]}, "seeds": [3],
+                            "search": {"num_samples": 2, "space": {"optim.lr": {"loguniform": [0.01, 0.5]}}}})
+    assert [p["label"] for p in grid_points(sweep)] == [
+        "uniform-synthetic-tiny-method=0-momentum=0-s3", "uniform-synthetic-tiny-method=0-momentum=0.9-s3",
+        "uniform-synthetic-tiny-method=1-momentum=0-s3", "uniform-synthetic-tiny-method=1-momentum=0.9-s3"]
+    jobs = expand(sweep, "abcde")
+    assert len(jobs) == 8 and [j["key"] for j in jobs[:2]] == ["abcde_00000", "abcde_00001"]
+    assert jobs == expand(sweep, "abcde")  # a pure function of the sweep: the same values again
+    lrs = [j["trial"]["optim"]["lr"] for j in jobs]
+    assert len(set(lrs)) == 8 and all(0.01 <= lr <= 0.5 for lr in lrs)
+    assert jobs[5]["label"] == f"uniform-synthetic-tiny-method=1-momentum=0-lr={lrs[5]:.3g}-s3"
+    raw = trial_dict({"job": jobs[5]})
+    assert raw["method"]["exit_weights"] == [0.5, 1.0] and raw["progress"] is False and raw["seed"] == 3
 
 
 def test_store_on_a_uri_round_trips(tmp_path):
@@ -248,23 +307,27 @@ def test_store_on_a_uri_round_trips(tmp_path):
     assert results.load(tmp_path / "sweep").runs.loc[0, "error"] == "boom"
 
 
-def test_restore_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
-    """Tune's checkpoint first; if it is gone or cut short, the newest other one that loads."""
+def test_restore_takes_the_newest_checkpoint_that_loads_and_keeps_it(tmp_path):
+    """The newest by epoch that loads (a copy cut short by a crash does not); it is kept as checkpoint_resume/
+    and the numbered ones of the previous attempt go."""
     import torch
-    from ray import tune
 
     from bench.tune import restore_checkpoint
 
+    trial = tmp_path / "trial"
     for index, epoch in ((0, 1), (1, 2), (2, 3)):
-        folder = tmp_path / "trial" / f"checkpoint_{index:06d}"
+        folder = trial / f"checkpoint_{index:06d}"
         folder.mkdir(parents=True)
         torch.save({"epoch": epoch}, folder / "checkpoint.pt")
-    newest = tmp_path / "trial" / "checkpoint_000002" / "checkpoint.pt"
+        (folder / "metrics.jsonl").write_text("{}\n" * epoch)
+    newest = trial / "checkpoint_000002" / "checkpoint.pt"
     newest.write_bytes(newest.read_bytes()[:20])  # a copy cut short by the crash
     dest = tmp_path / "scratch.pt"
-    restore_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "trial" / "checkpoint_000000")), dest)
-    assert torch.load(dest, weights_only=True)["epoch"] == 1  # the one Tune's state (and iteration) names
-    restore_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "trial" / "checkpoint_000002")), dest)
-    assert torch.load(dest, weights_only=True)["epoch"] == 2  # truncated: the newest that loads
-    restore_checkpoint(tune.Checkpoint(str(tmp_path / "trial" / "checkpoint_000007")), dest)  # gone
+    assert restore_checkpoint(str(trial), dest)
     assert torch.load(dest, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_resume"]
+    (trial / "checkpoint_000000").mkdir()  # the next attempt's first checkpoint, cut short
+    (trial / "checkpoint_000000" / "metrics.jsonl").write_text("{}\n" * 3)
+    assert restore_checkpoint(str(trial), dest) and torch.load(dest, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_resume"]
+    assert not restore_checkpoint(str(tmp_path / "empty"), tmp_path / "new.pt") and not (tmp_path / "new.pt").exists()
