@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
-import io
 import pickle
 import random
 import shutil
@@ -371,7 +371,7 @@ class CifarUnpickler(pickle.Unpickler):
     calls os.system, an object array) is refused before it is called."""
 
     def find_class(self, module: str, name: str):
-        reconstruct = getattr(getattr(np, "_core", None) or np.core, "multiarray")._reconstruct
+        reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
         allowed = {
             ("numpy.core.multiarray", "_reconstruct"): reconstruct,
             ("numpy._core.multiarray", "_reconstruct"): reconstruct,

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from bench import results
-from bench.errors import UsageError
+from bench.errors import UsageError, check_output_dir
 
 FRACTIONS = (25, 50, 75, 100)  # budgets as % of the last exit's MACs
 METRICS = {
@@ -1050,8 +1050,7 @@ def _check_metric(metric: str) -> None:
 
 def _out_dir(path: str | Path) -> Path:
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; give a folder")
+    check_output_dir(out, f"--out {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

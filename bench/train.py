@@ -32,7 +32,7 @@ import torch
 from bench import backbones
 from bench import data as data_mod
 from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml, validate_trial
-from bench.errors import UsageError
+from bench.errors import UsageError, check_output_dir
 from bench.regime import Regime
 from bench.results import ResultRecord, atomic_write_bytes, atomic_write_text
 
@@ -159,6 +159,43 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None
 
 
+RESUME_KEYS = ("epoch", "model", "optimizer", "scheduler", "strategy", "rng", "history", "train_time",
+               "train_images")
+
+
+def check_resumable(state: Any, path: Path) -> None:
+    """A checkpoint `train --resume` can continue: written by `bench.train.run` (another kind of torch file,
+    e.g. a bare state dict or a logits file, is one line, not a KeyError half-way through)."""
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        kind = f"a {type(state).__name__}" + (f" without {', '.join(repr(k) for k in missing[:3])}"
+                                              if isinstance(state, dict) else "")
+        raise UsageError(f"{str(path)!r} is not a training checkpoint of exitbench ({kind}); remove it or choose "
+                         f"another out_dir=...")
+
+
+def load_model_state(model: torch.nn.Module, state: Any, path: Path) -> None:
+    """`model.load_state_dict(state)`, with the first key or shape that does not fit named in one line."""
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise UsageError(f"checkpoint {str(path)!r} does not fit the configured backbone: its model is a "
+                         f"{type(state).__name__}, not a state dict")
+    for key, value in own.items():
+        if key not in state:
+            raise UsageError(f"checkpoint {str(path)!r} does not fit the configured backbone: it has no {key!r} "
+                             f"(shape {list(value.shape)}); was it written for another backbone config?")
+        theirs = getattr(state[key], "shape", None)
+        if theirs is None or tuple(theirs) != tuple(value.shape):
+            raise UsageError(f"checkpoint {str(path)!r} does not fit the configured backbone: {key!r} has shape "
+                             f"{list(theirs) if theirs is not None else type(state[key]).__name__} in the "
+                             f"checkpoint, {list(value.shape)} in the model")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise UsageError(f"checkpoint {str(path)!r} does not fit the configured backbone: it has {extra[0]!r}, "
+                         f"which the model does not")
+    model.load_state_dict(state)
+
+
 @torch.no_grad()
 def exit_accuracy(model: torch.nn.Module, loader, device: torch.device, readout=None) -> list[float]:
     """Top-1 accuracy (%) of what every exit reports (through `readout`, when given) on a loader (eval
@@ -228,14 +265,17 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
 
         init_from(cfg.init.checkpoint, model, strategy, strict=cfg.init.strict)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     history: list[dict[str, Any]] = []
     start_epoch, train_time, train_images = 0, 0.0, 0
     ckpt_path = run_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
+    if resume and ckpt_path.is_file():  # read and checked before anything in run_dir changes
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        check_resumable(state, ckpt_path)
+        theirs = (state.get("config") or {}).get("method", {}).get("name")
+        if theirs is not None and theirs != cfg.method["name"]:
+            raise UsageError(f"checkpoint {str(ckpt_path)!r} was written by method {theirs!r}, not "
+                             f"{cfg.method['name']!r}; resume it with method={theirs} or choose another out_dir=...")
+        load_model_state(model, state["model"], ckpt_path)
         readout.load_state_dict(state.get("readout", {}))  # none in checkpoints from before readouts
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -243,6 +283,8 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         _set_rng_state(state["rng"], loader_generator)
         start_epoch, history = state["epoch"], list(state["history"])
         train_time, train_images = state["train_time"], state["train_images"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     metrics_lines = [json.dumps(h) for h in history]
     K = model.num_exits
@@ -317,15 +359,18 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
 def cli_train(args) -> int:
     cfg = load_trial(*split_config_arg(args.config, args.overrides))
     run_dir = Path(cfg.out_dir)
+    check_output_dir(run_dir, f"out_dir={cfg.out_dir}")
     if (run_dir / CHECKPOINT).exists() and not args.resume:
         raise UsageError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
                          f"or choose another out_dir=...")
     if args.resume and not (run_dir / CHECKPOINT).exists():
         raise UsageError(f"--resume: no checkpoint in {str(run_dir)!r} to continue")
+    if args.resume:  # before any data or model is built: a foreign file is one line
+        check_resumable(load_checkpoint(run_dir / CHECKPOINT), run_dir / CHECKPOINT)
     try:
         record = run(cfg, run_dir, resume=args.resume)
     except TrainingDiverged as err:
-        print(f"exitbench: training diverged: {err}", flush=True)
+        print(f"exitbench: training diverged: {err}", file=sys.stderr, flush=True)
         return 1
     last = record.exits[-1]
     print(f"run folder: {run_dir}")

@@ -1,19 +1,27 @@
 """Sweeps on Ray Tune: a SweepConfig becomes a `tune.Tuner` over one function trainable that calls
-`bench.train.run`. Tune does the orchestration (scheduling, resources, fault tolerance, many nodes, resume);
-the engine does the work.
+`bench.train.run`. Tune does the orchestration (scheduling, resources, many nodes); the engine does the work.
 
 A sweep folder `<storage_path>/<name>/` holds:
 
     sweep.yaml            the validated SweepConfig (`--resume` reads it back)
+    jobs.json             the expanded sweep: every trial's key, label and full config (search values drawn)
+    driver.lock           the running driver's pid, host and the Ray processes it started
     store/                the results store (bench.results): runs, exits, budgets, epochs, records
-    <trial id>_<label>/   Ray's trial folder: checkpoint_NNNNNN/ (the engine's checkpoint after each epoch),
-                          run/ (config.yaml, metrics.jsonl, logits.pt, result.json of a finished trial), logs
-    experiment_state-*.json, tuner.pkl, ...   Ray's experiment state (Tuner.restore)
+    <key>_<label>/        the trial folder: checkpoint_NNNNNN/ (the engine's checkpoint after each epoch, the
+                          newest `keep_checkpoints`), checkpoint_resume/ (the one a resumed attempt continued
+                          from), run/ (config.yaml, metrics.jsonl, logits.pt, result.json of a finished trial)
+    experiment_state-*.json, tuner.pkl, ...   Ray's experiment state: written by Tune, never read back
+
+Resume is built from exitbench's own state only (jobs.json, the store, the trial folders): `--resume` runs a
+new Tuner over the jobs without a finished or stopped record, and each continues from the newest checkpoint
+in its folder that loads. A kill at any moment (Tune's state half-written included) loses at most the epochs
+since the last checkpoint, and no pickle from the sweep folder is ever loaded.
 
 Failures: a trial that raises (or diverges) writes a failed record, then re-raises so Tune marks it ERROR;
-`--resume` resumes errored trials from their last checkpoint (a passing fault heals, a divergence recurs and
-is recorded again) and never runs a finished trial again. A driver-side callback records what a trial cannot:
-trials stopped early by ASHA and trials whose worker died.
+`--resume` continues failed trials from their last checkpoint (a passing fault heals, a divergence recurs and
+is recorded again), or with trial-field overrides starts them again from epoch 0 with the new settings, and
+never runs a finished trial again. A driver-side callback records what a trial cannot: trials stopped early
+by ASHA and trials whose worker died.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from ray import tune
 
 from bench import results
 from bench.config import SweepConfig, _set_path, load_sweep, read_yaml, resolve_config, validate_sweep
-from bench.errors import UsageError
+from bench.errors import UsageError, check_output_dir
 from bench.results import ResultRecord
 
 DEFAULT_SWEEP = Path(__file__).resolve().parent / "configs" / "default.yaml"
@@ -770,18 +778,8 @@ def sweep_location(storage_path: str, name: str) -> str:
 
 
 def _check_storage(storage_path: str) -> None:
-    if is_uri(storage_path):
-        return
-    path = Path(storage_path).expanduser().absolute()
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            if not folder.is_dir():
-                raise UsageError(f"storage_path={storage_path}: {folder} is a file, not a folder; give a folder "
-                                 f"path (it is created if missing)")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise UsageError(f"storage_path={storage_path}: {folder} is not writable; give a folder you may "
-                                 f"write to")
-            return
+    if not is_uri(storage_path):
+        check_output_dir(storage_path, f"storage_path={storage_path}")
 
 
 def _read_jobs(sweep_dir: str) -> dict[str, Any] | None:

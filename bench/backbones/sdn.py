@@ -203,7 +203,16 @@ def build_classifier(arch: str, num_classes: int, in_channels: int, pretrained: 
         if not os.path.exists(path):
             raise ConfigError(f"backbone.pretrained: no local weights for {arch} at {path} (nothing is downloaded); "
                               f"put the file there or set pretrained=false")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # weights only: no code runs
+        except Exception as err:  # a foreign, truncated or malicious file in the hub cache
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            raise ConfigError(f"backbone.pretrained: {path} is not {arch}'s torchvision weights ({type(err).__name__}"
+                              f"{': ' + lines[0][:200] if lines else ''}); remove it and put the weights file "
+                              f"there, or set pretrained=false") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"backbone.pretrained: {path} holds a {type(state).__name__}, not a state dict of "
+                              f"tensors; remove it and put {arch}'s torchvision weights there, or set pretrained=false")
         own = model.state_dict()
         fresh = {k for k, v in state.items() if k in own and v.shape != own[k].shape}  # the resized classifier
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
