@@ -181,8 +181,9 @@ def _sweep(sub):
     p.add_argument("--name", default=None, help="sweep name (folder under storage_path; default: the YAML's name)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--resume", default=None, metavar="NAME",
-                   help="continue sweep NAME under storage_path (or a sweep folder): unfinished and errored trials "
-                        "resume from their last checkpoints, finished ones are kept")
+                   help="continue sweep NAME under storage_path (or a sweep folder): unfinished and failed trials "
+                        "resume from their last checkpoints, finished ones are kept; trial fields given with it "
+                        "(e.g. optim.lr=0.05) retry the unfinished and failed trials from epoch 0 with those settings")
     p.add_argument("--quiet", action="store_true", help="no live trial table (summary only)")
 
     def run(args):

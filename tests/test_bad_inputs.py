@@ -297,6 +297,14 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, run_cli, tmp_pa
     assert not list(world.glob("MARKER-*")), "a data file ran code"
 
 
+def test_resume_never_unpickles_tune_state(world, run_cli):
+    """The finished sweep holds a planted tuner.pkl (its unpickling would create a marker file); resuming it
+    reads exitbench's own state only, finds nothing to do and never loads the pickle (nor starts Ray)."""
+    code, out, err = run_cli("sweep", "--resume", str(world / "runs" / "done"), "--quiet")
+    assert code == 0 and "sweep: 1 trials: 1 finished, 0 failed" in out, out + err
+    assert not list(world.glob("MARKER-*")) and not (world / "runs" / "done" / "driver.lock").exists()
+
+
 def test_corpus_is_large_and_covers_every_command():
     from bench.cli import build_parser
 

@@ -70,10 +70,43 @@ def test_failing_trial_is_recorded_and_others_finish(ray_session, run_cli, tmp_p
     path = sweep_file(tmp_path, "fails", grid={"data": data}, seeds=[0], base=dict(TINY, epochs=1))
     code, out, _ = run_cli("sweep", path, "--quiet")
     assert code == 1 and "2 trials: 1 finished, 1 failed" in out and "TrainingDiverged" in out
-    runs = results.load(tmp_path / "runs" / "fails").runs.set_index("config.data.noise")
+    assert "(uniform-synthetic-tiny-data=1-s0): TrainingDiverged" in out  # the label names the grid point
+    sweep_dir = tmp_path / "runs" / "fails"
+    runs = results.load(sweep_dir).runs.set_index("config.data.noise")
     assert runs.loc[1.0, "status"] == "finished" and pd_isna(runs.loc[1.0, "error"])
     assert runs.loc[float("inf"), "status"] == "failed"
     assert runs.loc[float("inf"), "error"].startswith("TrainingDiverged: loss is nan at epoch 1")
+    finished = sweep_dir / "store" / "records" / f"{runs.loc[1.0, 'trial_id']}.json"
+    mtime = finished.stat().st_mtime_ns
+
+    # retry the failed trial with other settings: applied to it only, from epoch 0, recorded
+    code, out, err = run_cli("sweep", "--resume", str(sweep_dir), "data.noise=2.0", "--quiet")
+    assert code == 0 and "2 trials: 2 finished, 0 failed" in out, out + err
+    runs = results.load(sweep_dir).runs.set_index("trial_id")
+    retried = runs.loc[runs["summary.retried_with"].notna()]
+    assert list(retried["summary.retried_with"]) == ["data.noise=2.0"] and list(retried["config.data.noise"]) == [2.0]
+    assert finished.stat().st_mtime_ns == mtime and pd_isna(runs.loc[finished.stem, "summary.retried_with"])
+    jobs = json.loads((sweep_dir / "jobs.json").read_text())["jobs"]
+    assert [j.get("retried_with") for j in jobs] == [None, ["data.noise=2.0"]]
+    assert jobs[1]["trial"]["data"]["noise"] == 2.0  # a later plain --resume keeps the new settings
+
+
+@pytest.mark.slow
+def test_default_retention_keeps_two_checkpoints_of_a_20_epoch_trial(ray_session, run_cli, tmp_path):
+    data = dict(TINY["data"], train_size=32, test_size=8)
+    path = sweep_file(tmp_path, "keep", base=dict(TINY, data=data, epochs=20), grid={}, seeds=[0])
+    code, out, err = run_cli("sweep", path, "--quiet")
+    assert code == 0 and "1 trials: 1 finished" in out, out + err
+    (trial_dir,) = (tmp_path / "runs" / "keep").glob("*_uniform-*")
+    kept = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+    assert kept == ["checkpoint_000018", "checkpoint_000019"]  # of 20 reported, one per epoch
+    assert torch_epoch(trial_dir / kept[-1] / "checkpoint.pt") == 20
+
+
+def torch_epoch(path: Path) -> int:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
 
 
 @pytest.mark.slow
