@@ -198,7 +198,7 @@ def expand(sweep: SweepConfig, uid: str) -> list[dict[str, Any]]:
 
 def trial_dict(tune_config: dict[str, Any]) -> dict[str, Any]:
     """The trial dict of a Tune config (its job's)."""
-    return copy.deepcopy(tune_config["job"]["trial"])
+    return copy.deepcopy(tune_config["point"]["trial"])
 
 
 def trial_dirname(job: dict[str, Any]) -> str:
@@ -288,7 +288,11 @@ def restore_checkpoint(trial_dir: str, dest: Path) -> bool:
                         fs.copy_file(f"{folder}/{name}", f"{staging}/{name}")
             if fs.get_file_info(resume).type == pafs.FileType.Directory:
                 fs.delete_dir(resume)
-            fs.move(staging, resume)
+            try:
+                fs.move(staging, resume)
+            except (OSError, NotImplementedError):  # object stores rename no folders: copy, then drop
+                pafs.copy_files(staging, resume, source_filesystem=fs, destination_filesystem=fs)
+                fs.delete_dir(staging)
         for old in numbered:
             fs.delete_dir(old)
         return True
@@ -314,7 +318,7 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
     if Path(cwd).is_dir():
         os.chdir(cwd)  # relative paths (data.root) mean what they mean to `exitbench train` in that folder
     store = Store(sweep_dir)
-    job = config["job"]
+    job = config["point"]
     trial_id = job["key"]
     raw = trial_dict(config)
     if store.status(trial_id) in ("finished", "stopped"):
@@ -361,11 +365,11 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
 
 
 def _trial_name(trial) -> str:
-    return trial.config["job"]["key"]
+    return trial.config["point"]["key"]
 
 
 def _trial_dirname(trial) -> str:
-    return trial_dirname(trial.config["job"])
+    return trial_dirname(trial.config["point"])
 
 
 def _last_line(text: str | None) -> str | None:
@@ -382,7 +386,7 @@ class StoreCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         store = Store(self.sweep_dir)
-        key = trial.config["job"]["key"]
+        key = trial.config["point"]["key"]
         if store.status(key) == "finished":
             return  # the trainable stored its own record
         from bench.train import git_commit, package_versions
@@ -400,7 +404,7 @@ class StoreCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         store = Store(self.sweep_dir)
-        key = trial.config["job"]["key"]
+        key = trial.config["point"]["key"]
         if store.status(key) == "failed":
             return  # the trainable stored its own record, with its exception
         error = _last_line(trial.get_error()) or "the trial's worker failed (see Ray's error file)"
@@ -515,7 +519,8 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], quiet
                                   max_concurrent_trials=sweep.max_concurrent, trial_name_creator=_trial_name,
                                   trial_dirname_creator=_trial_dirname,
                                   reuse_actors=True)  # imports (torch, Ray Tune) once per slot, not per trial
-    return tune.Tuner(_trainable(sweep, sweep_dir), param_space={"job": tune.grid_search(jobs)},
+    # each Tune trial gets one job as its "point" (key, label, trial config)
+    return tune.Tuner(_trainable(sweep, sweep_dir), param_space={"point": tune.grid_search(jobs)},
                       tune_config=tune_config, run_config=run_config)
 
 
@@ -837,20 +842,23 @@ def resume_sweep(name_or_dir: str, storage_path: str = "runs", *, address: str |
         sweep_dir = sweep_location(storage_path, name_or_dir)
     else:
         sweep_dir = name_or_dir if is_uri(name_or_dir) else str(Path(name_or_dir).expanduser().resolve())
+    state = _read_jobs(sweep_dir)  # the whole definition (sweep.yaml is its readable copy)
     text = _read_text(f"{sweep_dir}/{SWEEP_FILE}")
-    if text is None:
+    if state is None and text is None:
         raise UsageError(f"--resume {name_or_dir}: no sweep there ({sweep_dir}/{SWEEP_FILE} does not exist); give "
                          f"the name of a sweep under storage_path={storage_path} or its folder")
-    try:
-        sweep = validate_sweep(yaml.safe_load(text))
-    except (yaml.YAMLError, AttributeError) as err:
-        raise UsageError(f"--resume: {sweep_dir}/{SWEEP_FILE} is not a sweep written by exitbench ({_describe(err)})"
-                         ) from None
-    preflight(sweep)
-    state = _read_jobs(sweep_dir)
     if state is None:
         raise UsageError(f"--resume: {sweep_dir} has no {JOBS_FILE} (written when a sweep starts; sweeps of older "
                          f"exitbench versions cannot be continued); start it again under another name")
+    if "sweep" in state:
+        sweep = validate_sweep(state["sweep"])
+    else:
+        try:
+            sweep = validate_sweep(yaml.safe_load(text or "{}"))
+        except (yaml.YAMLError, AttributeError) as err:
+            raise UsageError(f"--resume: {sweep_dir}/{SWEEP_FILE} is not a sweep written by exitbench "
+                             f"({_describe(err)})") from None
+    preflight(sweep)
     jobs = state["jobs"]
     changes = _resume_overrides(list(overrides))
     if changes:
@@ -917,10 +925,10 @@ def _fit(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], address
         if todo:  # a new sweep writes nothing until Ray is up and fits its trials
             started_ray = connect(address, quiet)
             _check_fits(sweep, _ray_nodes(), "the Ray cluster")
-        if new:
+        if new:  # jobs.json first: it alone is enough to resume (it holds the sweep too)
             lock = _acquire(sweep_dir)
+            _write_text(f"{sweep_dir}/{JOBS_FILE}", json.dumps({"sweep": sweep.model_dump(), "jobs": jobs}, indent=1))
             _write_text(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(sweep.model_dump(), sort_keys=False))
-            _write_text(f"{sweep_dir}/{JOBS_FILE}", json.dumps({"jobs": jobs}, indent=1))
         if todo:
             if started_ray and lock and not (address or os.environ.get("RAY_ADDRESS")):
                 lock.record_ray()

@@ -84,6 +84,7 @@ def world(tmp_path_factory):
     (root / "runs" / "badjobs" / "jobs.json").write_text('{"jobs": [{"key": 1}')
     (root / "runs" / "badyaml").mkdir()
     (root / "runs" / "badyaml" / "sweep.yaml").write_text("name: [\n")
+    (root / "runs" / "badyaml" / "jobs.json").write_text('{"jobs": []}')
 
     (root / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "s", "base": {"data": {"name": "digits"}, "backbone": {"name": "tiny", "widths": [4, 8]},
@@ -245,7 +246,7 @@ CORPUS = [
     (["sweep", f"{W}/sweep.yaml", "grid.optim.lr=[]"], "grid.optim.lr: empty axis"),
     (["sweep", f"{W}/sweep.yaml", "base.data.val_size=5000"], "only 1348"),
     (["sweep", f"{W}/sweep.yaml", "resources.cpu=1.5"], "fractions are allowed only below 1"),
-    (["sweep", f"{W}/sweep.yaml", "resources.cpu=512"], "are more than this machine has"),
+    (["sweep", f"{W}/sweep.yaml", "resources.cpu=512"], "resources per trial (cpu=512, gpu=0) are more than"),
     (["sweep", f"{W}/sweep.yaml", "resources.gpu=-1"], "resources.gpu"),
     (["sweep", f"{W}/sweep.yaml", "base.device=cuda"], "device=cuda needs resources.gpu > 0"),
     (["sweep", f"{W}/sweep.yaml", "name=a/b"], "sweep name 'a/b'"),

@@ -157,6 +157,13 @@ def _wait_for(condition, driver: subprocess.Popen, what: str, timeout: float = 2
     assert condition(), f"timed out waiting for {what}"
 
 
+def _lock_pid(lock: Path) -> int | None:
+    try:
+        return json.loads(lock.read_text()).get("pid")
+    except (OSError, ValueError):  # not there (yet), or taken over right now
+        return None
+
+
 def _ray_pids(lock: Path) -> list[tuple[int, float]]:
     owner = json.loads(lock.read_text())
     return [(p["pid"], p["started"]) for p in owner["ray"]]
@@ -181,9 +188,10 @@ def _truncate_tune_state(sweep_dir: Path) -> None:
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, run_cli, tmp_path):
     """SIGKILL the driver mid-trial; truncate Tune's state to 0 bytes; resume in a new driver (which first ends
-    the dead driver's Ray processes, while a third driver is refused); SIGKILL that one too, right after it
-    continued a trial from its checkpoint; truncate again; the last resume finishes every trial, with metrics
-    equal to uninterrupted runs, and never runs a finished trial again."""
+    the dead driver's Ray processes, while another driver is refused); SIGKILL it while it starts Ray; resume
+    again and SIGKILL that one right after it continued a trial from its checkpoint; truncate again; the last
+    resume finishes every trial, with metrics equal to uninterrupted runs, and never runs a finished trial
+    again."""
     data = dict(TINY["data"], train_size=400)  # epochs long enough to kill the driver inside a trial
     path = sweep_file(tmp_path, "killed", base=dict(TINY, data=data, epochs=4), max_concurrent=1)
     sweep_dir = tmp_path / "runs" / "killed"
@@ -207,11 +215,18 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ru
         _truncate_tune_state(sweep_dir)
 
         driver = _driver(["--resume", sweep_dir])
-        _wait_for(lambda: lock.is_file() and json.loads(lock.read_text() or "{}").get("pid") == driver.pid,
-                  driver, "the second driver took the lock")
+        _wait_for(lambda: _lock_pid(lock) == driver.pid, driver, "the second driver took the lock")
         assert not any(_alive(*p) for p in orphans), "the dead driver's Ray processes were not ended"
-        code, _, err = run_cli("sweep", "--resume", str(sweep_dir), "--quiet")  # a third driver meanwhile
+        code, _, err = run_cli("sweep", "--resume", str(sweep_dir), "--quiet")  # another driver meanwhile
         assert code == 2 and f"in use by another driver (pid {driver.pid}" in one_line(err)
+        _wait_for(lambda: _ray_pids(lock), driver, "the second driver started Ray")
+        orphans = _ray_pids(lock)
+        os.kill(driver.pid, signal.SIGKILL)  # while it starts Ray and its Tuner
+        driver.wait()
+
+        driver = _driver(["--resume", sweep_dir])
+        _wait_for(lambda: _lock_pid(lock) == driver.pid, driver, "the third driver took the lock")
+        assert not any(_alive(*p) for p in orphans), "the dead driver's Ray processes were not ended"
         _wait_for(lambda: list(sweep_dir.glob("*_*/checkpoint_resume")), driver,
                   "the second driver continued a trial from its checkpoint")
         os.kill(driver.pid, signal.SIGKILL)
@@ -324,7 +339,7 @@ def test_jobs_sample_the_search_space_on_every_grid_point_and_name_their_point()
     lrs = [j["trial"]["optim"]["lr"] for j in jobs]
     assert len(set(lrs)) == 8 and all(0.01 <= lr <= 0.5 for lr in lrs)
     assert jobs[5]["label"] == f"uniform-synthetic-tiny-method=1-momentum=0-lr={lrs[5]:.3g}-s3"
-    raw = trial_dict({"job": jobs[5]})
+    raw = trial_dict({"point": jobs[5]})
     assert raw["method"]["exit_weights"] == [0.5, 1.0] and raw["progress"] is False and raw["seed"] == 3
 
 
