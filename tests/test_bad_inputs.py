@@ -270,7 +270,7 @@ CORPUS = [
     (["report", f"{W}/nosuch"], "/nosuch' does not exist"),
     (["report", f"{W}/emptydir"], "no results store"),
     (["report", f"{W}/runs/done", "--metric", "vibes"], "unknown --metric 'vibes'"),
-    (["report", f"{W}/runs/done", "--baseline", "nope"], "--baseline 'nope' is not a method"),
+    (["report", f"{W}/runs/done", "--baseline", "nope"], "--baseline 'nope' is not"),
     (["report", f"{W}/runs/done", "--out", f"{W}/afile/rep"], "afile is a file, not a folder"),
     (["report", f"{W}/runs/done", "--out", f"{W}/afile"], "afile is a file, not a folder"),
     (["report", f"{W}/runs/done", "--speedup-acc", "x"], "--speedup-acc: invalid float value"),
