@@ -386,32 +386,31 @@ def test_diverged_train_is_one_line_on_stderr(run_cli, tmp_path):
 def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_taken_over(world, tmp_path):
     """The lock itself (the slow test in test_tune kills a real driver): a live owner on this host or any owner
     on another host refuses; a dead owner's lock is taken over and released."""
-    import psutil
-
     from bench.errors import UsageError
     from bench.tune import DriverLock
 
     lock_file = tmp_path / "driver.lock"
-    me = psutil.Process()
-    lock_file.write_text(json.dumps({"pid": me.pid, "host": os.uname().nodename, "started": me.create_time(),
-                                     "ray": []}))
-    with pytest.raises(UsageError, match=f"in use by another driver \\(pid {me.pid} on this host\\)"):
+    me = DriverLock._me()  # pid, host, start time
+    lock_file.write_text(json.dumps({**me, "ray": []}))
+    with pytest.raises(UsageError, match=f"in use by another driver \\(pid {me['pid']} on this host\\)"):
         DriverLock(str(tmp_path)).acquire()
     lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0.0, "ray": []}))
     with pytest.raises(UsageError, match="locked by a driver on host elsewhere"):
         DriverLock(str(tmp_path)).acquire()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a dead driver (same pid, other start time) whose "Ray process" still runs: it is ended
+        import psutil  # Ray's (ray/thirdparty_files), importable now that bench.tune imported Ray
+
         started = psutil.Process(sleeper.pid).create_time()
-        lock_file.write_text(json.dumps({"pid": me.pid, "host": os.uname().nodename, "started": 1.0,
+        lock_file.write_text(json.dumps({**me, "started": 1.0,
                                          "ray": [{"pid": sleeper.pid, "started": started},
-                                                 {"pid": me.pid, "started": 2.0}]}))  # a reused pid: spared
+                                                 {"pid": me["pid"], "started": 2.0}]}))  # a reused pid: spared
         lock = DriverLock(str(tmp_path))
         t0 = time.time()
         lock.acquire()
         sleeper.wait(timeout=10)  # ended (psutil reaped it, so its status reads 0), long before its 60 s
         assert time.time() - t0 < 10
-        assert json.loads(lock_file.read_text())["pid"] == me.pid and lock.owned
+        assert json.loads(lock_file.read_text())["pid"] == me["pid"] and lock.owned
         lock.release()
         assert not lock_file.exists()
     finally:

@@ -170,12 +170,9 @@ def _ray_pids(lock: Path) -> list[tuple[int, float]]:
 
 
 def _alive(pid: int, started: float) -> bool:
-    import psutil
+    from bench.tune import DriverLock
 
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 0.05
-    except psutil.Error:
-        return False
+    return DriverLock._alive(pid, started)
 
 
 def _truncate_tune_state(sweep_dir: Path) -> None:
