@@ -266,6 +266,14 @@ CORPUS = [
     (["sweep", "--resume", f"{W}/runs/done", "grid.optim.lr=[1]"], "only trial fields"),
     (["sweep", "--resume", f"{W}/runs/done", "seeds=[3]"], "only trial fields"),
     (["sweep", "--resume", f"{W}/runs/done", "optim.lr=0.05"], "nothing to retry"),
+    # latency
+    (["latency", f"{W}/nosuch"], "does not exist; give the out_dir"),
+    (["latency", f"{W}/emptydir"], "emptydir"),
+    (["latency", CKPT, "--batch-size", "0"], "--batch-size"),
+    (["latency", CKPT, "--budgets", "40"], "--budgets"),
+    (["latency", CKPT, "--limit", "x"], "--limit: invalid int value"),
+    (["latency", CKPT, "--device", "tpu"], "tpu"),
+    (["latency", CKPT, "extra=1"], "unrecognized arguments: extra=1"),
     # report, leaderboard
     (["report", f"{W}/nosuch"], "/nosuch' does not exist"),
     (["report", f"{W}/emptydir"], "no results store"),
