@@ -648,8 +648,7 @@ class DriverLock(tune.Callback):
     started (pid and start time, refreshed while it runs). A second driver refuses while the owner lives; once
     the owner is dead, the next driver ends the Ray processes the owner started that outlived it (they could
     still be training into the sweep folder), checking each one's start time so a reused pid is never hit,
-    and takes the lock over. Only for sweep folders on a local or shared filesystem. (psutil is Ray's own
-    dependency, importable once Ray is: ray/thirdparty_files.)"""
+    and takes the lock over. Only for sweep folders on a local or shared filesystem."""
 
     def __init__(self, sweep_dir: str):
         self.path = Path(sweep_dir) / LOCK_FILE
