@@ -407,7 +407,7 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_taken_over(world, tm
         DriverLock(str(tmp_path)).acquire()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a dead driver (same pid, other start time) whose "Ray process" still runs: it is ended
-        import psutil  # Ray's (ray/thirdparty_files), importable now that bench.tune imported Ray
+        import psutil
 
         started = psutil.Process(sleeper.pid).create_time()
         lock_file.write_text(json.dumps({**me, "started": 1.0,
