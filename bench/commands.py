@@ -239,3 +239,24 @@ def _leaderboard(sub):
         return cli_leaderboard(args)
 
     p.set_defaults(func=run)
+
+
+@command
+def _store(sub):
+    p = sub.add_parser("store", help="maintain a sweep's results store",
+                       description="Maintain a sweep's results store.")
+    ssub = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True, parser_class=type(p))
+    q = ssub.add_parser("compact", help="fold the per-trial files into one parquet file per table",
+                        description="Fold a sweep's per-trial result files into one parquet file per table "
+                                    "(SWEEP_DIR/store/compacted/), written atomically; loads and reports then "
+                                    "open one file per table plus the per-trial files written since. Safe while "
+                                    "trials still write. A compacted file that cannot be read is rebuilt.")
+    q.add_argument("sweep_dir", help="sweep folder (holds the results store)")
+    q.add_argument("--rebuild", action="store_true", help="rebuild from the per-trial files only")
+
+    def run(args):
+        from bench.results import cli_compact
+
+        return cli_compact(args)
+
+    q.set_defaults(func=run)
