@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -208,7 +209,7 @@ def _compacted_path(sweep_dir: Path, table: str) -> Path:
 def _corrupt(sweep_dir: Path, path: Path, err: BaseException) -> CorruptStore:
     why = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return CorruptStore(f"compacted results file {path} is unreadable ({why}); rebuild it from the per-trial "
-                        f"files with `exitbench store compact {sweep_dir}`")
+                        f"files with `exitbench store compact --rebuild {sweep_dir}`")
 
 
 @dataclass
@@ -295,8 +296,11 @@ def _in_file_order(table: pa.Table) -> pa.Table:
     """Rows in per-trial file-name order (the order of reading the sorted files), kept within a trial."""
     if table.num_rows == 0:
         return table
-    key = pc.binary_join_element_wise(table["trial_id"].cast(pa.large_string()), ".parquet", "")
-    return table.take(pc.sort_indices(key))  # a stable sort
+    trials = pc.dictionary_encode(table["trial_id"]).combine_chunks()  # rank the few trial ids, not every row
+    names = sorted(range(len(trials.dictionary)), key=lambda i: f"{trials.dictionary[i].as_py()}.parquet")
+    rank = np.empty(len(names), np.int64)
+    rank[names] = np.arange(len(names))
+    return table.take(np.argsort(rank[trials.indices.to_numpy()], kind="stable"))
 
 
 def _concat(parts: list[pa.Table]) -> pa.Table:
@@ -316,12 +320,20 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _merge(compacted: pa.Table, fresh: pa.Table) -> pa.Table:
-    """Compacted rows (in file order) and fresh rows (in file order) of distinct trials, in file order."""
+    """Compacted rows (in file order) and fresh rows (in file order) of distinct trials, in file order; a text
+    column whose rows are now all null is null-typed again, as in the per-trial files (a trial's `error`
+    becomes None when it is resumed and finishes: that column was text only because of it)."""
     if fresh.num_rows == 0:
-        return compacted
-    if compacted.num_rows == 0:
-        return fresh
-    return _in_file_order(_concat([compacted, fresh]))
+        merged = compacted
+    elif compacted.num_rows == 0:
+        merged = fresh
+    else:
+        merged = _in_file_order(_concat([compacted, fresh]))
+    for i, field in enumerate(merged.schema):
+        if pa.types.is_large_string(field.type) or pa.types.is_string(field.type):
+            if merged.num_rows and merged[field.name].null_count == merged.num_rows:
+                merged = merged.set_column(i, pa.field(field.name, pa.null()), pa.nulls(merged.num_rows))
+    return merged
 
 
 @dataclass
@@ -443,7 +455,7 @@ def _read_table(sweep_dir: Path, table: str, columns: list[str] | None, where: p
             continue
     fresh = _concat(fresh)
     if compacted is None:
-        return _select(table, fresh, columns, where)
+        return _merge(pa.table({}), _select(table, fresh, columns, where))
     schema = pa.unify_schemas([compacted.schema, fresh.schema], promote_options="permissive")
     _check_query(table, schema, columns, where)
     keep = ~pc.field("trial_id").isin(plan.stale) if plan.stale else None
