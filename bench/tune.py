@@ -933,6 +933,8 @@ def _fit(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], address
             if started_ray and lock and not (address or os.environ.get("RAY_ADDRESS")):
                 lock.record_ray()
             _tuner(sweep, sweep_dir, todo, quiet, lock).fit()
+        if not is_uri(sweep_dir) and Path(sweep_dir, "store", "runs").is_dir():
+            results.compact(sweep_dir)  # one parquet file per table: reports open 4 files, not 4 per trial
         return _outcome(jobs, sweep, sweep_dir)
     finally:
         if started_ray:
