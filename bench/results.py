@@ -282,14 +282,32 @@ class _Plan:
         return self.compacted is not None and not self.fresh and not self.stale
 
 
-def _read_trial_file(path: Path) -> tuple[pa.Table, list]:
+def _read_trial_file(path: Path) -> tuple[pa.Table, list] | None:
     """One per-trial file and its manifest entry [size, mtime_ns, inode, digest], both from the same bytes
-    (files are replaced by rename, never changed in place, so an open file is one version)."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        data = f.read()
-    table = pq.read_table(pa.BufferReader(data), use_threads=False).replace_schema_metadata(None)
+    (files are replaced by rename, never changed in place, so an open file is one version); None if it is
+    gone."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:  # removed since the scan
+        return None
+    table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False).replace_schema_metadata(None)
     return table, [st.st_size, st.st_mtime_ns, st.st_ino, _digest(data)]
+
+
+def _read_trial_files(table_dir: Path, stems: list[str]) -> dict[str, tuple[pa.Table, list]]:
+    """stem -> (table, manifest entry) of those per-trial files still there, in `stems`' order. Threads overlap
+    the file opening and parquet decoding of many small files (both release the GIL)."""
+    paths = [table_dir / f"{stem}.parquet" for stem in stems]
+    if len(paths) < 64:
+        read = map(_read_trial_file, paths)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+            read = list(pool.map(_read_trial_file, paths, chunksize=64))
+    return {stem: got for stem, got in zip(stems, read) if got is not None}
 
 
 def _in_file_order(table: pa.Table) -> pa.Table:
@@ -387,14 +405,9 @@ def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False) -> tuple[
         stale = set(plan.stale)
         files = {s: e for s, e in compacted.files.items() if s not in stale}
         files.update({s: [*stat, files[s][3]] for s, stat in plan.moved.items()})  # so they are "same" next time
-    fresh = []
-    for stem in plan.fresh:
-        try:
-            part, files[stem] = _read_trial_file(sweep_dir / "store" / table / f"{stem}.parquet")
-        except FileNotFoundError:  # removed since the scan
-            continue
-        fresh.append(part)
-    whole = _merge(kept, _concat(fresh))
+    fresh = _read_trial_files(sweep_dir / "store" / table, plan.fresh)
+    files.update({stem: entry for stem, (_, entry) in fresh.items()})
+    whole = _merge(kept, _concat([part for part, _ in fresh.values()]))
     _write_compacted(whole, files, _compacted_path(sweep_dir, table))
     return Compaction(table, len(files), len(fresh), len(plan.stale), why, written=True), whole
 
@@ -447,13 +460,7 @@ def _read_table(sweep_dir: Path, table: str, columns: list[str] | None, where: p
             return _select(table, whole, columns, where)
         compacted = _Compacted.open(sweep_dir, table)
         plan = _Plan.make(sweep_dir, table, compacted)
-    fresh = []
-    for stem in plan.fresh:
-        try:
-            fresh.append(pq.read_table(store / table / f"{stem}.parquet").replace_schema_metadata(None))
-        except FileNotFoundError:  # removed since the scan
-            continue
-    fresh = _concat(fresh)
+    fresh = _concat([part for part, _ in _read_trial_files(store / table, plan.fresh).values()])
     if compacted is None:
         return _merge(pa.table({}), _select(table, fresh, columns, where))
     schema = pa.unify_schemas([compacted.schema, fresh.schema], promote_options="permissive")
