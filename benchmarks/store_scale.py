@@ -39,6 +39,12 @@ EXITS, EPOCHS = 5, 100
 METHODS = ("uniform", "distill", "l2w")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, no usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def positive(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -192,7 +198,7 @@ def run_phase(name: str, sweep_dir: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrors(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=positive(1), nargs="+", default=[1000, 10000], help="store sizes")
     p.add_argument("--lrs", type=positive(1), default=10, help="learning rates per method (default 10)")
     p.add_argument("--workers", type=positive(1), default=os.cpu_count() or 1,
@@ -205,6 +211,8 @@ def main() -> None:
     if args.phase:
         print(json.dumps(phase(*args.phase)))
         return
+    if args.dir and Path(args.dir).exists() and not Path(args.dir).is_dir():
+        p.error(f"--dir {args.dir}: not a folder")
     root = Path(args.dir or tempfile.mkdtemp(prefix="store-scale-"))
     print(f"{EXITS} exits, 39 budgets, {EPOCHS} epochs per trial; 3 methods x {args.lrs} learning rates x seeds; "
           f"{args.workers} writer processes; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")

@@ -164,6 +164,7 @@ results.compact(sys.argv[1], ["epochs"])
 """
 
 
+@pytest.mark.slow
 def test_killed_compaction_leaves_a_readable_store(tmp_path):
     sweep(tmp_path)
     results.compact(tmp_path)
@@ -264,3 +265,15 @@ def test_load_compacts_when_many_files_are_new(tmp_path, monkeypatch):
     got = results.load(tmp_path, ["exits"])
     assert sorted(p.name for p in (tmp_path / "store" / "compacted").iterdir()) == ["exits.parquet"]
     assert got.exits.equals(per_trial_read(tmp_path)["exits"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "--trials: expected an integer >= 1, got '0'"),
+    (["--lrs", "many"], "--lrs: expected an integer >= 1, got 'many'"),
+    (["--dir", __file__], "--dir " + __file__ + ": not a folder"),
+])
+def test_store_scale_bad_arguments(args, message):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "store_scale.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
