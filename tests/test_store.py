@@ -2,6 +2,7 @@
 (new trials, resumed trials rewriting their files, removed files, copies, a killed compaction)."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -277,3 +278,16 @@ def test_store_scale_bad_arguments(args, message):
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_readme_store_example_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "results.load(" in b]
+    sweep(tmp_path / "runs" / "default")
+    results.write(record("t97", "l2w", seed=0), tmp_path / "runs" / "default")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README-store", "exec"), scope)
+    t = scope["t"]
+    assert set(t.exits["trial_id"]) == set(t.budgets["trial_id"]) == {"t01", "t97"} and t.epochs.empty
+    assert list(t.budgets.columns) == ["trial_id", "p", "test_acc", "expected_macs"]
