@@ -291,3 +291,30 @@ def test_readme_store_example_runs(tmp_path, monkeypatch):
     t = scope["t"]
     assert set(t.exits["trial_id"]) == set(t.budgets["trial_id"]) == {"t01", "t97"} and t.epochs.empty
     assert list(t.budgets.columns) == ["trial_id", "p", "test_acc", "expected_macs"]
+
+
+def test_unreadable_per_trial_file_is_one_clear_error(tmp_path):
+    sweep(tmp_path)
+    (tmp_path / "store" / "exits" / "t03.parquet").write_bytes(b"junk")
+    with pytest.raises(UsageError, match="per-trial results file .*t03.parquet is unreadable"):
+        results.load(tmp_path)
+
+
+def test_quiet_table_folders_spare_the_per_file_checks_until_a_write(tmp_path, monkeypatch):
+    sweep(tmp_path)
+    results.compact(tmp_path)  # folders just written: nothing to vouch for yet
+    assert results._Compacted.open(tmp_path, "runs").dir_mtime_ns is None
+    past = time.time() - 60
+    for table in results.TABLES:
+        os.utime(tmp_path / "store" / table, (past, past))
+    assert [c.written and c.read == 0 for c in results.compact(tmp_path)] == [True] * 4  # now it can
+    scans = []
+    monkeypatch.setattr(results, "_trial_files", lambda d, scan=results._trial_files: scans.append(d) or scan(d))
+    same(results.load(tmp_path, compact=False), per_trial_read(tmp_path))
+    assert scans == []
+    results.write(record("t01", "l2w", seed=1, epochs=5, shift=3.0), tmp_path)  # a rename moves each folder's mtime
+    got = results.load(tmp_path, compact=False)
+    assert len(scans) == 4 and (got.epochs["trial_id"] == "t01").sum() == 5
+    same(got, per_trial_read(tmp_path))
+    shutil.rmtree(tmp_path / "store" / "budgets")  # a vanished folder holds no trials
+    assert results.load(tmp_path, ["budgets"]).budgets.empty
