@@ -206,6 +206,8 @@ def main() -> None:
     p.add_argument("--per-trial-max", type=positive(0), default=1000,
                    help="measure the per-trial load only up to this many trials (default 1000)")
     p.add_argument("--dir", default=None, help="where to build the stores (default: a temp folder, removed)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --dir: measure again on stores already there (their compacted files are removed)")
     p.add_argument("--phase", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
@@ -221,10 +223,15 @@ def main() -> None:
     try:
         for n in args.trials:
             sweep_dir = root / f"sweep-{n}"
-            shutil.rmtree(sweep_dir, ignore_errors=True)
-            wrote = write_store(sweep_dir, n, args.lrs, args.workers)
-            print(f"{n:>7} | {'write':<15} | {wrote:>7.1f} | {'':>9} | {'':>8} | {n} trials, "
-                  f"{wrote / n * 1000 * args.workers:.1f} ms per trial per process", flush=True)
+            runs = sweep_dir / "store" / "runs"
+            if args.reuse and runs.is_dir() and sum(1 for _ in runs.glob("*.parquet")) == n:
+                shutil.rmtree(sweep_dir / "store" / "compacted", ignore_errors=True)
+                print(f"{n:>7} | {'write':<15} | {'':>7} | {'':>9} | {'':>8} | reused {sweep_dir}", flush=True)
+            else:
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+                wrote = write_store(sweep_dir, n, args.lrs, args.workers)
+                print(f"{n:>7} | {'write':<15} | {wrote:>7.1f} | {'':>9} | {'':>8} | {n} trials, "
+                      f"{wrote / n * 1000 * args.workers:.1f} ms per trial per process", flush=True)
             names = (["load-per-trial"] if n <= args.per_trial_max else []) + ["compact", "load", "load-2", "report"]
             figures[n] = {}
             for name in names:
