@@ -250,9 +250,11 @@ def _store(sub):
                         description="Fold a sweep's per-trial result files into one parquet file per table "
                                     "(SWEEP_DIR/store/compacted/), written atomically; loads and reports then "
                                     "open one file per table plus the per-trial files written since. Safe while "
-                                    "trials still write. A compacted file that cannot be read is rebuilt.")
+                                    "trials still write.")
     q.add_argument("sweep_dir", help="sweep folder (holds the results store)")
-    q.add_argument("--rebuild", action="store_true", help="rebuild from the per-trial files only")
+    q.add_argument("--rebuild", action="store_true",
+                   help="ignore the compacted files and rebuild them from the per-trial files (what to do when "
+                        "one is reported unreadable)")
 
     def run(args):
         from bench.results import cli_compact

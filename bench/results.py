@@ -568,8 +568,12 @@ def load(sweep_dir: str | Path, tables: Iterable[str] = TABLES, *, columns: Mapp
 
 def cli_compact(args) -> int:
     for c in compact(args.sweep_dir, rebuild=args.rebuild):
-        what = (f"{c.trials} trials ({c.read} per-trial files read, {c.dropped} replaced or removed)" if c.written
-                else f"{c.trials} trials, already current")
+        if not c.written:
+            what = f"{c.trials} trials, already current"
+        elif c.read or c.dropped:
+            what = f"{c.trials} trials ({c.read} per-trial files read, {c.dropped} replaced or removed)"
+        else:
+            what = f"{c.trials} trials (the state of their files recorded again)"
         note = f"; rebuilt: {c.rebuilt}" if c.rebuilt and c.rebuilt != "--rebuild" else ""
         print(f"{c.table}: {what}{note}")
     print(f"compacted: {Path(args.sweep_dir) / 'store' / COMPACTED}")
