@@ -386,11 +386,18 @@ def _mtime_ns(path: Path) -> int | None:
         return None
 
 
-def _quiet_mtime_ns(table_dir: Path) -> int | None:
+def _quiet_mtime_ns(table_dir: Path, settle: bool = False) -> int | None:
     """The folder's mtime if it has not changed for QUIET_DIR_S, so that no later write can share its clock tick
-    (file systems keep mtimes in ticks of 1 ns to 2 s), else None: reads then check every file."""
+    (file systems keep mtimes in ticks of 1 ns to 2 s), else None: reads then check every file. `settle`: if it
+    changed less than QUIET_DIR_S ago, wait that long once for it to become quiet."""
     mtime = _mtime_ns(table_dir)
-    return mtime if mtime is not None and time.time_ns() - mtime > QUIET_DIR_S * 10**9 else None
+    if mtime is None:
+        return None
+    wait = QUIET_DIR_S - (time.time_ns() - mtime) / 1e9
+    if wait >= 0 and settle:
+        time.sleep(wait + 0.05)
+        return _quiet_mtime_ns(table_dir) if _mtime_ns(table_dir) == mtime else None
+    return mtime if wait < 0 else None
 
 
 def _write_compacted(table: pa.Table, files: dict[str, list], dir_mtime_ns: int | None, path: Path) -> None:
@@ -408,7 +415,8 @@ def _write_compacted(table: pa.Table, files: dict[str, list], dir_mtime_ns: int 
                                                  row_group_size=ROW_GROUP))
 
 
-def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False) -> tuple[Compaction, pa.Table | None]:
+def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False,
+                   settle: bool = False) -> tuple[Compaction, pa.Table | None]:
     """Fold `table`'s per-trial files into its compacted file (atomically). Returns what was done and the whole
     compacted table (None when the file already held every per-trial file and was left as it is)."""
     why = "--rebuild" if rebuild else None
@@ -418,7 +426,7 @@ def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False) -> tuple[
             compacted = _Compacted.open(sweep_dir, table)
         except CorruptStore as err:
             why = str(err).split(";")[0]
-    dir_mtime_ns = _quiet_mtime_ns(sweep_dir / "store" / table)  # before the scan: what it vouches for
+    dir_mtime_ns = _quiet_mtime_ns(sweep_dir / "store" / table, settle)  # before the scan: what it vouches for
     plan = _Plan.make(sweep_dir, table, compacted)
     if compacted is None and not plan.fresh:
         return Compaction(table, 0, 0, 0), None
@@ -450,13 +458,16 @@ def _store_dir(sweep_dir: Path) -> Path:
     return store
 
 
-def compact(sweep_dir: str | Path, tables: Iterable[str] = TABLES, *, rebuild: bool = False) -> list[Compaction]:
+def compact(sweep_dir: str | Path, tables: Iterable[str] = TABLES, *, rebuild: bool = False,
+            settle: bool = False) -> list[Compaction]:
     """Fold the per-trial files of `sweep_dir`'s store into one compacted parquet file per table, written
     atomically (safe while trials still write: what they write later is read beside it). A compacted file that
-    cannot be read, or `rebuild=True`, is rebuilt from the per-trial files."""
+    cannot be read, or `rebuild=True`, is rebuilt from the per-trial files. `settle=True` (when the last trial has
+    just written) waits up to QUIET_DIR_S for each table folder to be quiet, so that later reads can skip
+    checking every file until the next write."""
     sweep_dir = Path(sweep_dir)
     _store_dir(sweep_dir)
-    return [_compact_table(sweep_dir, table, rebuild)[0] for table in _check_tables(tables)]
+    return [_compact_table(sweep_dir, table, rebuild, settle)[0] for table in _check_tables(tables)]
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -934,7 +934,7 @@ def _fit(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], address
                 lock.record_ray()
             _tuner(sweep, sweep_dir, todo, quiet, lock).fit()
         if not is_uri(sweep_dir) and Path(sweep_dir, "store", "runs").is_dir():
-            results.compact(sweep_dir)  # one parquet file per table: reports open 4 files, not 4 per trial
+            results.compact(sweep_dir, settle=True)  # one parquet file per table: reports open 4, not 4 per trial
         return _outcome(jobs, sweep, sweep_dir)
     finally:
         if started_ray:

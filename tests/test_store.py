@@ -318,3 +318,11 @@ def test_quiet_table_folders_spare_the_per_file_checks_until_a_write(tmp_path, m
     same(got, per_trial_read(tmp_path))
     shutil.rmtree(tmp_path / "store" / "budgets")  # a vanished folder holds no trials
     assert results.load(tmp_path, ["budgets"]).budgets.empty
+
+
+def test_settled_compaction_vouches_for_folders_just_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "QUIET_DIR_S", 0.3)
+    sweep(tmp_path)
+    results.compact(tmp_path, settle=True)  # as at the end of a sweep: waits for the folders to be quiet
+    assert all(results._Compacted.open(tmp_path, t).dir_mtime_ns for t in results.TABLES)
+    same(results.load(tmp_path), per_trial_read(tmp_path))
