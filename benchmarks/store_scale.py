@@ -13,8 +13,8 @@ imports included) is its own:
 
 - load per-trial: `bench.results.load(dir, compact=False)` before compaction: every per-trial file, as
                   before compaction existed (only up to --per-trial-max trials: it grows 15 ms a trial)
-- compact:        `bench.results.compact(dir)`, the call that ends a sweep
-- load:           `bench.results.load(dir)`, all four tables
+- compact:        `bench.results.compact(dir, settle=True)`, the call that ends a sweep
+- load:           `bench.results.load(dir)`, all four tables (--repeats fresh processes, median and fastest)
 - load-2:         exits and budgets of one method (a filter on runs), three columns each: epochs is not read
 - report:         `exitbench report DIR` (bench.report.cli_report, figures included); "in" is the call,
                   "process" the whole command as a user waits for it, interpreter start and imports included
@@ -29,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,7 @@ def phase(name: str, sweep_dir: str) -> dict:
         tables = results.load(sweep_dir, compact=False)
         rows = sum(len(getattr(tables, t)) for t in results.TABLES)
     elif name == "compact":
-        rows = sum(c.trials for c in results.compact(sweep_dir))
+        rows = sum(c.trials for c in results.compact(sweep_dir, settle=True))
     elif name == "load":
         tables = results.load(sweep_dir)
         rows = sum(len(getattr(tables, t)) for t in results.TABLES)
@@ -186,15 +187,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_phase(name: str, sweep_dir: Path) -> dict:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--phase", name, str(sweep_dir)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    if done.returncode:
-        raise SystemExit(f"phase {name} failed:\n{done.stderr}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["process"] = time.perf_counter() - start
-    return result
+def run_phase(name: str, sweep_dir: Path, repeats: int) -> dict:
+    """The phase `repeats` times, each in a fresh process: median seconds, the fastest, the largest peak."""
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--phase", name, str(sweep_dir)], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        if done.returncode:
+            raise SystemExit(f"phase {name} failed:\n{done.stderr}")
+        runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "process": time.perf_counter() - start})
+    return {"seconds": statistics.median(r["seconds"] for r in runs), "min": min(r["seconds"] for r in runs),
+            "process": statistics.median(r["process"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs),
+            "rows": runs[0]["rows"]}
 
 
 def main() -> None:
@@ -205,6 +210,8 @@ def main() -> None:
                    help="processes writing the per-trial files (default: all cores)")
     p.add_argument("--per-trial-max", type=positive(0), default=1000,
                    help="measure the per-trial load only up to this many trials (default 1000)")
+    p.add_argument("--repeats", type=positive(1), default=3,
+                   help="runs of each load phase, each in a fresh process (default 3; the median is shown)")
     p.add_argument("--dir", default=None, help="where to build the stores (default: a temp folder, removed)")
     p.add_argument("--reuse", action="store_true",
                    help="with --dir: measure again on stores already there (their compacted files are removed)")
@@ -218,7 +225,7 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="store-scale-"))
     print(f"{EXITS} exits, 39 budgets, {EPOCHS} epochs per trial; 3 methods x {args.lrs} learning rates x seeds; "
           f"{args.workers} writer processes; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'trials':>7} | {'phase':<15} | {'s':>7} | {'process s':>9} | {'peak MB':>8} | rows")
+    print(f"{'trials':>7} | {'phase':<15} | {'s':>7} | {'min s':>7} | {'process s':>9} | {'peak MB':>8} | rows")
     figures: dict[int, dict] = {}
     try:
         for n in args.trials:
@@ -226,18 +233,20 @@ def main() -> None:
             runs = sweep_dir / "store" / "runs"
             if args.reuse and runs.is_dir() and sum(1 for _ in runs.glob("*.parquet")) == n:
                 shutil.rmtree(sweep_dir / "store" / "compacted", ignore_errors=True)
-                print(f"{n:>7} | {'write':<15} | {'':>7} | {'':>9} | {'':>8} | reused {sweep_dir}", flush=True)
+                print(f"{n:>7} | {'write':<15} | {'':>7} | {'':>7} | {'':>9} | {'':>8} | reused {sweep_dir}",
+                      flush=True)
             else:
                 shutil.rmtree(sweep_dir, ignore_errors=True)
                 wrote = write_store(sweep_dir, n, args.lrs, args.workers)
-                print(f"{n:>7} | {'write':<15} | {wrote:>7.1f} | {'':>9} | {'':>8} | {n} trials, "
+                print(f"{n:>7} | {'write':<15} | {wrote:>7.1f} | {'':>7} | {'':>9} | {'':>8} | {n} trials, "
                       f"{wrote / n * 1000 * args.workers:.1f} ms per trial per process", flush=True)
             names = (["load-per-trial"] if n <= args.per_trial_max else []) + ["compact", "load", "load-2", "report"]
             figures[n] = {}
             for name in names:
-                r = figures[n][name] = run_phase(name, sweep_dir)
-                print(f"{n:>7} | {name:<15} | {r['seconds']:>7.2f} | {r['process']:>9.2f} | {r['peak_mb']:>8.0f} | "
-                      f"{r['rows'] or ''}", flush=True)
+                repeats = args.repeats if name.startswith("load") and name != "load-per-trial" else 1
+                r = figures[n][name] = run_phase(name, sweep_dir, repeats)
+                print(f"{n:>7} | {name:<15} | {r['seconds']:>7.2f} | {r['min']:>7.2f} | {r['process']:>9.2f} | "
+                      f"{r['peak_mb']:>8.0f} | {r['rows'] or ''}", flush=True)
             if not args.dir:
                 shutil.rmtree(sweep_dir, ignore_errors=True)
         sizes = sorted(figures)
