@@ -375,7 +375,7 @@ class Compaction:
     trials: int  # per-trial files the compacted file holds now
     read: int  # per-trial files read: new and rewritten ones, or all of them on a rebuild
     dropped: int  # trials whose compacted rows were replaced or removed
-    rebuilt: str | None = None  # why the old compacted file was not used
+    rebuilt: str | None = None  # why the old compacted file could not be used (unreadable): rebuilt
     written: bool = False  # False: it already held every per-trial file as it is
 
 
@@ -419,7 +419,7 @@ def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False,
                    settle: bool = False) -> tuple[Compaction, pa.Table | None]:
     """Fold `table`'s per-trial files into its compacted file (atomically). Returns what was done and the whole
     compacted table (None when the file already held every per-trial file and was left as it is)."""
-    why = "--rebuild" if rebuild else None
+    why = None
     compacted = None
     if not rebuild:
         try:
@@ -428,8 +428,9 @@ def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False,
             why = str(err).split(";")[0]
     dir_mtime_ns = _quiet_mtime_ns(sweep_dir / "store" / table, settle)  # before the scan: what it vouches for
     plan = _Plan.make(sweep_dir, table, compacted)
-    if compacted is None and not plan.fresh:
-        return Compaction(table, 0, 0, 0), None
+    if compacted is None and not plan.fresh:  # nothing to hold (an unreadable compacted file goes: it held nothing)
+        _compacted_path(sweep_dir, table).unlink(missing_ok=True)
+        return Compaction(table, 0, 0, 0, why, written=why is not None), None
     if plan.current and not plan.moved and (compacted.dir_mtime_ns is not None or dir_mtime_ns is None):
         return Compaction(table, len(compacted.files), 0, 0), None
     kept = pa.table({})
@@ -438,7 +439,7 @@ def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False,
         try:
             kept = compacted.read(sweep_dir, filter=~pc.field("trial_id").isin(plan.stale) if plan.stale else None)
         except CorruptStore as err:
-            compaction, whole = _compact_table(sweep_dir, table, rebuild=True)
+            compaction, whole = _compact_table(sweep_dir, table, rebuild=True, settle=settle)
             compaction.rebuilt = str(err).split(";")[0]
             return compaction, whole
         stale = set(plan.stale)
@@ -585,7 +586,7 @@ def cli_compact(args) -> int:
             what = f"{c.trials} trials ({c.read} per-trial files read, {c.dropped} replaced or removed)"
         else:
             what = f"{c.trials} trials (the state of their files recorded again)"
-        note = f"; rebuilt: {c.rebuilt}" if c.rebuilt and c.rebuilt != "--rebuild" else ""
+        note = f"; rebuilt: {c.rebuilt}" if c.rebuilt else ""
         print(f"{c.table}: {what}{note}")
     print(f"compacted: {Path(args.sweep_dir) / 'store' / COMPACTED}")
     return 0

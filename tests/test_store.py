@@ -326,3 +326,14 @@ def test_settled_compaction_vouches_for_folders_just_written(tmp_path, monkeypat
     results.compact(tmp_path, settle=True)  # as at the end of a sweep: waits for the folders to be quiet
     assert all(results._Compacted.open(tmp_path, t).dir_mtime_ns for t in results.TABLES)
     same(results.load(tmp_path), per_trial_read(tmp_path))
+
+
+def test_unreadable_compacted_file_with_no_per_trial_files_left_is_removed(tmp_path):
+    sweep(tmp_path)
+    results.compact(tmp_path)
+    shutil.rmtree(tmp_path / "store" / "epochs")
+    (tmp_path / "store" / "compacted" / "epochs.parquet").write_bytes(b"junk")
+    epochs = results.compact(tmp_path)[3]
+    assert epochs.rebuilt and epochs.trials == 0
+    assert not (tmp_path / "store" / "compacted" / "epochs.parquet").exists()
+    assert results.load(tmp_path).epochs.empty
