@@ -544,7 +544,7 @@ def _select(table: str, data: pa.Table, columns: list[str] | None, where: pc.Exp
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
     if table.num_rows == 0:
         return pd.DataFrame({"trial_id": []})
-    return table.to_pandas(split_blocks=True, self_destruct=True)  # frees each column once converted
+    return table.to_pandas()  # consolidated blocks: callers that copy or slice the frames do not pay to merge them
 
 
 def load(sweep_dir: str | Path, tables: Iterable[str] = TABLES, *, columns: Mapping[str, list[str]] | None = None,
