@@ -36,6 +36,8 @@ def record(trial_id, method="uniform", seed=0, status="finished", epochs=3, shif
         epochs=[{"epoch": e + 1, "loss": 1.5 / (e + 1) + shift, "lr": 0.1, "val_acc_1": 40.0 + e}
                 for e in range(epochs)],
         summary={"auc": 57.0 + shift} if finished else {},
+        latency=[{"policy": f"exit {k}", "device": "cpu", "ms_mean": 1.0 + k + shift} for k in (1, 2)]
+        if finished and seed % 2 == 0 else [],  # measured for some trials only
     )
 
 
@@ -77,7 +79,7 @@ def test_compaction_round_trip_keeps_every_row_and_dtype(tmp_path):
     done = results.compact(tmp_path)
     assert [(c.table, c.trials, c.read, c.written) for c in done] == [(t, 7, 7, True) for t in results.TABLES]
     same(results.load(tmp_path), want)
-    assert [c.written for c in results.compact(tmp_path)] == [False] * 4  # nothing new: left as it is
+    assert [c.written for c in results.compact(tmp_path)] == [False] * len(results.TABLES)  # nothing new: left as it is
     assert not list((tmp_path / "store").rglob("*.tmp"))
     assert oct(os.stat(tmp_path / "store" / "compacted" / "epochs.parquet").st_mode & 0o777) == "0o644"
 
@@ -89,7 +91,7 @@ def test_trial_written_after_compaction_is_read(tmp_path):
     got = results.load(tmp_path, compact=False)
     same(got, per_trial_read(tmp_path))
     assert (got.runs["trial_id"] == "t99").sum() == 1 and (got.epochs["trial_id"] == "t99").sum() == 3
-    assert [(c.read, c.trials) for c in results.compact(tmp_path)] == [(1, 8)] * 4
+    assert [(c.read, c.trials) for c in results.compact(tmp_path)] == [(1, 8)] * len(results.TABLES)
 
 
 def test_rewritten_trial_replaces_its_compacted_rows(tmp_path):
@@ -183,7 +185,7 @@ def test_killed_compaction_leaves_a_readable_store(tmp_path):
     assert (tmp_path / "store" / "compacted" / "epochs.parquet").read_bytes() == before
     same(results.load(tmp_path, compact=False), per_trial_read(tmp_path))
     os.utime(temps[0], (time.time() - 2 * results.STALE_TMP_S,) * 2)
-    assert results.compact(tmp_path)[3].read == 1
+    assert results.compact(tmp_path)[results.TABLES.index("epochs")].read == 1
     assert not temps[0].exists()  # the next compaction removed the old leftover
     same(results.load(tmp_path), per_trial_read(tmp_path))
 
@@ -220,8 +222,9 @@ def test_damaged_data_page_is_the_same_clear_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(results.CorruptStore, match="exitbench store compact --rebuild"):
         results.load(tmp_path)
-    assert not results.compact(tmp_path)[1].written  # the footer looks fine: only --rebuild reads every page
-    assert results.compact(tmp_path, rebuild=True)[1].read == 7
+    exits = results.TABLES.index("exits")
+    assert not results.compact(tmp_path)[exits].written  # the footer looks fine: only --rebuild reads every page
+    assert results.compact(tmp_path, rebuild=True)[exits].read == 7
     same(results.load(tmp_path), per_trial_read(tmp_path))
 
 
@@ -307,14 +310,14 @@ def test_quiet_table_folders_spare_the_per_file_checks_until_a_write(tmp_path, m
     past = time.time() - 60
     for table in results.TABLES:
         os.utime(tmp_path / "store" / table, (past, past))
-    assert [c.written and c.read == 0 for c in results.compact(tmp_path)] == [True] * 4  # now it can
+    assert [c.written and c.read == 0 for c in results.compact(tmp_path)] == [True] * len(results.TABLES)  # now it can
     scans = []
     monkeypatch.setattr(results, "_trial_files", lambda d, scan=results._trial_files: scans.append(d) or scan(d))
     same(results.load(tmp_path, compact=False), per_trial_read(tmp_path))
     assert scans == []
     results.write(record("t01", "l2w", seed=1, epochs=5, shift=3.0), tmp_path)  # a rename moves each folder's mtime
     got = results.load(tmp_path, compact=False)
-    assert len(scans) == 4 and (got.epochs["trial_id"] == "t01").sum() == 5
+    assert len(scans) == len(results.TABLES) and (got.epochs["trial_id"] == "t01").sum() == 5
     same(got, per_trial_read(tmp_path))
     shutil.rmtree(tmp_path / "store" / "budgets")  # a vanished folder holds no trials
     assert results.load(tmp_path, ["budgets"]).budgets.empty
@@ -333,7 +336,7 @@ def test_unreadable_compacted_file_with_no_per_trial_files_left_is_removed(tmp_p
     results.compact(tmp_path)
     shutil.rmtree(tmp_path / "store" / "epochs")
     (tmp_path / "store" / "compacted" / "epochs.parquet").write_bytes(b"junk")
-    epochs = results.compact(tmp_path)[3]
+    epochs = results.compact(tmp_path)[results.TABLES.index("epochs")]
     assert epochs.rebuilt and epochs.trials == 0
     assert not (tmp_path / "store" / "compacted" / "epochs.parquet").exists()
     assert results.load(tmp_path).epochs.empty
