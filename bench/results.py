@@ -360,10 +360,10 @@ def _merge(compacted: pa.Table, fresh: pa.Table) -> pa.Table:
         merged = fresh
     else:
         merged = _in_file_order(_concat([compacted, fresh]))
-    for i, field in enumerate(merged.schema):
-        if pa.types.is_large_string(field.type) or pa.types.is_string(field.type):
-            if merged.num_rows and merged[field.name].null_count == merged.num_rows:
-                merged = merged.set_column(i, pa.field(field.name, pa.null()), pa.nulls(merged.num_rows))
+    for i, column in enumerate(merged.schema):
+        if pa.types.is_large_string(column.type) or pa.types.is_string(column.type):
+            if merged.num_rows and merged[column.name].null_count == merged.num_rows:
+                merged = merged.set_column(i, pa.field(column.name, pa.null()), pa.nulls(merged.num_rows))
     return merged
 
 
