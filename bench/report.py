@@ -277,6 +277,9 @@ def holm(p) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ loading
 
+REPORT_TABLES = tuple(t for t in results.TABLES if t != "epochs")
+
+
 def load_runs(sweep_dirs: list[str]) -> tuple[results.Tables, str]:
     """Load (and merge) stores; trial ids get a sweep prefix when several are merged. Returns tables, name."""
     merged: dict[str, list[pd.DataFrame]] = {t: [] for t in results.TABLES}
@@ -286,7 +289,7 @@ def load_runs(sweep_dirs: list[str]) -> tuple[results.Tables, str]:
         source = names[i] if names.count(names[i]) == 1 else f"{i + 1}:{names[i]}"
         if not path.is_dir():
             raise UsageError(f"sweep folder {str(sweep_dir)!r} does not exist")
-        tables = results.load(path)
+        tables = results.load(path, REPORT_TABLES)  # per-epoch rows (most of a store) are never reported
         if tables.runs.empty:
             raise UsageError(f"the results store of {str(sweep_dir)!r} holds no trials (nothing to report)")
         for name in results.TABLES:
@@ -1089,7 +1092,8 @@ def _copy_store(store: Path, dest: Path) -> Path:
     fresh, stale = dest.with_name(f".{dest.name}.new"), dest.with_name(f".{dest.name}.old")
     for path in (fresh, stale):
         shutil.rmtree(path, ignore_errors=True)
-    shutil.copytree(store, fresh, ignore=shutil.ignore_patterns("records", ".*"))
+    # the tables' per-trial files only: records stay behind, and compacted files are a cache rebuilt from them
+    shutil.copytree(store, fresh, ignore=shutil.ignore_patterns("records", results.COMPACTED, ".*"))
     if dest.exists():
         dest.rename(stale)
     fresh.rename(dest)

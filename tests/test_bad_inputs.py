@@ -275,6 +275,13 @@ CORPUS = [
     (["latency", CKPT, "--device", "tpu"], "tpu"),
     (["latency", CKPT, "extra=1"], "unrecognized arguments: extra=1"),
     # report, leaderboard
+    (["store"], "store: the following arguments are required: SUBCOMMAND"),
+    (["store", "frobnicate"], "invalid choice: 'frobnicate'"),
+    (["store", "compact"], "the following arguments are required"),
+    (["store", "compact", f"{W}/nosuch"], "no results store in"),
+    (["store", "compact", f"{W}/afile"], "no results store in"),
+    (["store", "compact", f"{W}/emptydir"], "no results store in"),
+    (["store", "compact", f"{W}/runs/done", "--bogus"], "unrecognized arguments: --bogus"),
     (["report", f"{W}/nosuch"], "/nosuch' does not exist"),
     (["report", f"{W}/emptydir"], "no results store"),
     (["report", f"{W}/runs/done", "--metric", "vibes"], "unknown --metric 'vibes'"),
