@@ -309,6 +309,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
             exit_loss_sum += out.exit_losses * out.count
             exit_correct += out.exit_correct
             seen += out.count
+        strategy.end_epoch(epoch, bundle.train)
         epoch_time = time.time() - t0
         train_time += epoch_time
         train_images += seen

@@ -62,6 +62,10 @@ class Strategy:
     def step(self, x: torch.Tensor, y: torch.Tensor, iteration: int) -> StepOutput:
         raise NotImplementedError
 
+    def end_epoch(self, epoch: int, loader) -> None:
+        """Called once after every epoch's steps (epoch 0-based, `loader` the training batches), before
+        validation and the checkpoint: where epoch-level methods (Meta-GF's fusion pass) do their work."""
+
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """zero_grad, backward, step (through the AMP scaler when AMP is on)."""
         self.optimizer.zero_grad(set_to_none=True)

@@ -56,15 +56,12 @@ def test_pcgrad_leaves_non_conflicting_gradients_alone():
 
 
 def test_pcgrad_order_matters_with_three_exits():
-    """g3 conflicts with g1 and g2; projecting g3 on g1 first or on g2 first gives different results:
-    g3 = (-1, -1, 1), g1 = (1, 0, 0), g2 = (0, 1, 1)/... worked by hand below."""
-    g1, g2, g3 = t(1, 0, 0), t(0, 1, 0), t(-1, -2, 1)
-    G = torch.stack([g1, g2, g3])
-    # g1, g2 only conflict with g3. g1 on g3: g1.g3 = -1, |g3|^2 = 6 -> g1 + g3/6 = (5/6, -1/3, 1/6), then
-    # against g2: (5/6, -1/3, 1/6).g2 = -1/3 -> (5/6, 0, 1/6). g2 on g3: dot -2 -> g2 + g3/3 = (-1/3, 1/3, 1/3),
-    # then against g1: -1/3 -> (0, 1/3, 1/3). g3 first on g1: (0, -2, 1), then on g2: (0, 0, 1); first on g2:
-    # (-1, 0, 1), then on g1: (0, 0, 1): g3 ends the same, but g1's result depends on its order:
-    # g1 on g2 first: no conflict, then g3: (5/6, -1/3, 1/6), the same as above, which ends at (5/6, -1/3, 1/6).
+    """g1 = (1, 0, 0), g2 = (0, 1, 0), g3 = (-1, -2, 1); g1.g2 = 0, g1.g3 = -1, g2.g3 = -2, |g3|^2 = 6.
+    g1 against g3 then g2: g1 + g3/6 = (5/6, -1/3, 1/6), whose dot with g2 is -1/3: (5/6, 0, 1/6).
+    g1 against g2 then g3: no conflict with g2, then (5/6, -1/3, 1/6): the order changes g1's result.
+    g2 against g3 then g1: g2 + g3/3 = (-1/3, 1/3, 1/3), dot with g1 -1/3: (0, 1/3, 1/3).
+    g3 against g1 then g2: (0, -2, 1), then (0, 0, 1)."""
+    G = torch.stack([t(1, 0, 0), t(0, 1, 0), t(-1, -2, 1)])
     first = project_conflicting(G, [[2, 1], [2, 0], [0, 1]])
     second = project_conflicting(G, [[1, 2], [2, 0], [0, 1]])
     torch.testing.assert_close(first, t(5 / 6, 0, 1 / 6) + t(0, 1 / 3, 1 / 3) + t(0, 0, 1), rtol=0, atol=1e-15)
