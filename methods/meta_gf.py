@@ -103,34 +103,46 @@ class MetaGF(Strategy):
             for c in self.copies]
         self.alpha = torch.ones(K, len(self.names), device=self.device, requires_grad=True)
         self.meta_optimizer = torch.optim.Adam([self.alpha], lr=params.meta_lr)
-        self.reach: torch.Tensor | None = None  # [K, P] bool, from the graph on the first batch
+        self.reach: torch.Tensor | None = None  # [K, P] bool, from the graph at every epoch's first batch
 
     def reach_mask(self, x: torch.Tensor) -> torch.Tensor:
         """[K, P]: does exit k's output reach parameter p (the reference's ValidNodeslist)? Eval mode, so no
-        BatchNorm statistics move; the graph is the same as in train mode."""
-        was_training = self.model.training
+        BatchNorm statistics move (the graph is the same as in train mode). A frozen parameter (requires_grad
+        off, e.g. a training regime's frozen backbone) is reached by none, so fusion leaves it as it is."""
+        modes = [m.training for m in self.model.modules()]
         self.model.eval()
         params = list(self.model.parameters())
+        trainable = [p for p in params if p.requires_grad]
         with torch.enable_grad():
             logits = self.model(x[:2])
-            rows = [[g is not None for g in torch.autograd.grad(z.sum(), params, retain_graph=True,
-                                                                 allow_unused=True)] for z in logits]
-        self.model.train(was_training)
+            rows = []
+            for z in logits:
+                grads = iter(torch.autograd.grad(z.sum(), trainable, retain_graph=True, allow_unused=True))
+                rows.append([p.requires_grad and next(grads) is not None for p in params])
+        for m, mode in zip(self.model.modules(), modes):
+            m.training = mode
         return torch.tensor(rows, device=self.device)
 
+    def start_epoch(self, x: torch.Tensor) -> None:
+        """The copies start from the model: weights, statistics, which parameters train and which modules are
+        in train mode (as the engine or a training regime set them for this epoch)."""
+        self.reach = self.reach_mask(x)
+        for c in self.copies:
+            c.load_state_dict(self.model.state_dict())
+            for pc, pm in zip(c.parameters(), self.model.parameters()):
+                pc.requires_grad_(pm.requires_grad)
+            for mc, mm in zip(c.modules(), self.model.modules()):
+                mc.training = mm.training
+
     def step(self, x, y, iteration):
-        if self.reach is None:
-            self.reach = self.reach_mask(x)
-        if iteration % self.steps_per_epoch == 0:  # every epoch's copies start from the model
-            for c in self.copies:
-                c.load_state_dict(self.model.state_dict())
+        if iteration % self.steps_per_epoch == 0 or self.reach is None:
+            self.start_epoch(x)
         lr = self.optimizer.param_groups[0]["lr"]  # the engine's schedule drives the copies
         K = len(self.copies)
         objectives, exit_losses, exit_correct = [], torch.zeros(K), torch.zeros(K)
         for k, (model_k, opt_k) in enumerate(zip(self.copies, self.copy_optimizers)):
             for group in opt_k.param_groups:
                 group["lr"] = lr
-            model_k.train()
             with self.autocast():
                 logits = model_k(x)
                 ce = per_exit_ce(logits, y).mean(0)
@@ -143,6 +155,9 @@ class MetaGF(Strategy):
             exit_losses[k] = float(ce[k].detach())  # exit k as its own copy trains it (fusion keeps that head)
             exit_correct[k] = float((logits[k].detach().argmax(1) == y).sum())
         self.scaler.update()
+        # The engine's optimizer holds no gradients (only the copies train): stepping it changes nothing and
+        # keeps the LR scheduler's "optimizer.step() before scheduler.step()" check satisfied.
+        self.optimizer.step()
         return StepOutput(sum(objectives) / K, exit_losses, exit_correct, int(y.numel()))
 
     def meta_lr(self, epoch: int) -> float:
@@ -176,8 +191,7 @@ class MetaGF(Strategy):
             group["lr"] = self.meta_lr(epoch)
         before = self.alpha.detach().clone()
         thetas = self.stacked()
-        self.model.train()
-        with torch.no_grad():
+        with torch.no_grad():  # the pass runs in the epoch's mode (train), as the reference's does
             for b, b_last in zip(self.model.buffers(), self.copies[-1].buffers()):
                 b.copy_(b_last)
         fused = None

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "l2w_speed.py"
+STRATEGY_SPEED = SCRIPT.parent / "strategy_speed.py"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -27,3 +28,15 @@ def test_cli_startup_bad_arguments():
     done = subprocess.run([sys.executable, str(script), "--runs", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
     assert "--runs: expected an integer >= 1, got '0'" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats: expected an integer >= 1, got '0'"),
+    (["--batch", "1"], "--batch: expected an integer >= 2, got '1'"),
+    (["--methods", "uniform", "fast"], "--methods 'fast' is not registered; one of cagrad"),
+    (["--backbone", "nope"], "--backbone 'nope' is not registered; one of msdnet"),
+])
+def test_strategy_speed_bad_arguments(args, message):
+    done = subprocess.run([sys.executable, str(STRATEGY_SPEED), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr

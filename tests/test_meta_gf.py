@@ -167,5 +167,21 @@ def test_meta_gf_resume_equals_uninterrupted(tmp_path):
     """Checkpoint after epoch 1 (fusion weights, Adam, the copies' momentum) + resume = the uninterrupted run."""
     full = resume_equals_uninterrupted(tmp_path, {"name": "meta-gf"})
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["strategy"]
-    assert state["alpha"].shape == (3, 3 * 8) and not torch.equal(state["alpha"], torch.ones(3, 24))  # 8 tensors per exit
+    # alpha: one row per exit, one column per parameter tensor (8 per tiny exit: 2 convs, 2 BNs x2, a linear x2)
+    assert state["alpha"].shape == (3, 3 * 8) and not torch.equal(state["alpha"], torch.ones(3, 24))
     assert len(state["copy_optimizers"]) == 3 and full.epochs[-1]["val_acc_last"] > 0
+
+
+def test_frozen_parameters_stay_as_they_are():
+    """A parameter with requires_grad off (a regime's frozen backbone) is trained by no copy and fused from none."""
+    torch.manual_seed(0)
+    model = ChainNet(K=2)
+    model.stages[0].weight.requires_grad_(False)
+    frozen, bias = model.stages[0].weight.detach().clone(), model.stages[0].bias.detach().clone()
+    strategy = build(model, epochs=2, steps_per_epoch=1)
+    x, y = batch()
+    strategy.step(x, y, 0)
+    assert not strategy.reach[:, 0].any() and strategy.reach[:, 1].all()  # stages.0.weight frozen, its bias not
+    strategy.end_epoch(0, [(x, y)])
+    assert torch.equal(model.stages[0].weight, frozen)
+    assert not torch.equal(model.stages[0].bias, bias)  # its trainable neighbour was trained and fused
