@@ -28,17 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from l2w_speed import OneLineErrors, at_least, batches  # noqa: E402  (same protocol, same helpers)
 
 
-def build(backbone: str, method: str, classes: int, total_steps: int):
+def build(backbone: str, method: str, classes: int, steps: int):
+    """The strategy as a trial builds it (with its readout); the timed steps are the first of 10 epochs of
+    `steps` each, so two-stage strategies (ztw) time their main stage."""
     import torch
 
+    from bench.readout import build_readout
     from bench.registry import BACKBONES, METHODS, load_all
 
     load_all()
     torch.manual_seed(0)
     model = BACKBONES.build(backbone, {}, num_classes=classes, in_channels=3, image_size=32)
     model.train()
+    readout = build_readout({"name": method}, model.num_exits, classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    return METHODS.build(method, {}, model=model, optimizer=optimizer, total_steps=total_steps)
+    return METHODS.build(method, {}, model=model, optimizer=optimizer, total_steps=10 * steps, steps_per_epoch=steps,
+                         readout=readout)
 
 
 def child(args) -> dict:

@@ -33,10 +33,12 @@ def test_cli_startup_bad_arguments():
 @pytest.mark.parametrize("args, message", [
     (["--repeats", "0"], "--repeats: expected an integer >= 1, got '0'"),
     (["--batch", "1"], "--batch: expected an integer >= 2, got '1'"),
-    (["--methods", "uniform", "fast"], "--methods 'fast' is not registered; one of cagrad"),
+    (["--methods", "uniform", "fast"], "--methods 'fast' is not registered; one of "),
     (["--backbone", "nope"], "--backbone 'nope' is not registered; one of msdnet"),
 ])
 def test_strategy_speed_bad_arguments(args, message):
     done = subprocess.run([sys.executable, str(STRATEGY_SPEED), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+    if "--methods" in args:
+        assert "pcgrad" in done.stderr and "meta-gf" in done.stderr  # the valid names are listed
