@@ -187,6 +187,8 @@ class MetaGF(Strategy):
         return {n: t.detach() for n, t in fused.items()}, float(loss.detach())
 
     def end_epoch(self, epoch: int, loader) -> None:
+        if self.reach is None:  # no step yet (no copy trained): nothing to fuse
+            return
         for group in self.meta_optimizer.param_groups:
             group["lr"] = self.meta_lr(epoch)
         before = self.alpha.detach().clone()
