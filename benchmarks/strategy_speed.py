@@ -6,11 +6,13 @@
 Each strategy runs with its registered defaults (what `method: {name: ...}` trains), 2 torch threads,
 random 32x32 inputs, 100 classes, SGD (lr 0.1, momentum 0.9, weight decay 1e-4). Protocol as
 benchmarks/l2w_speed.py: every strategy alone in a fresh process, the processes alternated strategy after
-strategy for --repeats repetitions; a process times --rounds iterations after --warmup and keeps its fastest.
-An epoch-level strategy's end-of-epoch work (Meta-GF's fusion pass) is timed once over the process's
-batches and added per batch, so `s/iter` is what one batch of an epoch costs. Printed per strategy: the
-step, the end-of-epoch share per batch, their sum, its ratio to uniform's (median over processes), the median
-[range] of the ratios to the adjacent uniform process, and the largest peak RSS.
+strategy for --repeats repetitions; a process times --rounds iterations after --warmup and keeps its fastest,
+in wall-clock time and in the CPU time of the process (all threads). The ratios use CPU time: on a machine
+shared with other jobs the wall clock of one process varies several-fold with the others' load, its CPU time
+far less. An epoch-level strategy's end-of-epoch work (Meta-GF's fusion pass) is timed once over the
+process's batches and added per batch, so an iteration is what one batch of an epoch costs. Printed per
+strategy: wall and CPU seconds per iteration (medians over processes), the end-of-epoch share, the CPU
+ratio to uniform's, the median [range] of the ratios to the adjacent uniform process, and the peak RSS.
 """
 
 from __future__ import annotations
@@ -52,17 +54,18 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     strategy = build(args.backbone, args.method, args.classes, args.warmup + args.rounds)
     data = batches(args.batch, args.classes)
-    wall = []
+    wall, cpu = [], []
     for it in range(args.warmup + args.rounds):
         x, y = data[it % 2]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         strategy.step(x, y, it)
         if it >= args.warmup:
             wall.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
+            cpu.append(time.process_time() - c0)
+    t0, c0 = time.perf_counter(), time.process_time()
     strategy.end_epoch(0, data)
-    epoch_level = (time.perf_counter() - t0) / len(data)
-    return {"step_s": min(wall), "epoch_s": epoch_level,
+    epoch_wall, epoch_cpu = (time.perf_counter() - t0) / len(data), (time.process_time() - c0) / len(data)
+    return {"wall_s": min(wall) + epoch_wall, "cpu_s": min(cpu) + epoch_cpu, "epoch_cpu_s": epoch_cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -110,26 +113,26 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         for method in methods:
             runs[method].append(run_child(args, method))
-    total = {m: [r["step_s"] + r["epoch_s"] if r else None for r in rs] for m, rs in runs.items()}
-    base = [t for t in total["uniform"] if t]
-    uniform_s = statistics.median(base) if base else None
-    print("\n(step: median over processes of the fastest step; epoch/b: end-of-epoch work per batch; x: s/iter "
-          "over uniform's; x/pair: median [range] of the ratios to the adjacent uniform process)")
-    print(f"  {'strategy':<14}{'step s':>9}{'epoch/b s':>11}{'s/iter':>9}{'x':>7}{'x/pair':>9}  {'range':<13}"
+            print(f"  done: {method} {runs[method][-1]}", file=sys.stderr, flush=True)  # progress (table: stdout)
+    base = [r["cpu_s"] for r in runs["uniform"] if r]
+    uniform_cpu = statistics.median(base) if base else None
+    print("\n(wall s: median over processes of the fastest iteration; cpu s: the same in CPU time of the process, "
+          "all threads; end/b: the end-of-epoch work's CPU time per batch, included; x: cpu s over uniform's; "
+          "x/pair: median [range] of the cpu ratios to the adjacent uniform process)")
+    print(f"  {'strategy':<14}{'wall s':>9}{'cpu s':>9}{'end/b':>9}{'x':>7}{'x/pair':>9}  {'range':<13}"
           f"{'peak RSS MB':>11}")
     for method, results in runs.items():
         done = [r for r in results if r]
         if not done:
             continue
-        step = statistics.median(r["step_s"] for r in done)
-        epoch = statistics.median(r["epoch_s"] for r in done)
-        seconds = statistics.median(t for t in total[method] if t)
-        ratio = f"{seconds / uniform_s:.2f}" if uniform_s else "-"
-        pairs = [t / u for t, u in zip(total[method], total["uniform"]) if t and u]
+        wall, cpu = (statistics.median(r[key] for r in done) for key in ("wall_s", "cpu_s"))
+        end = statistics.median(r["epoch_cpu_s"] for r in done)
+        ratio = f"{cpu / uniform_cpu:.2f}" if uniform_cpu else "-"
+        pairs = [r["cpu_s"] / u["cpu_s"] for r, u in zip(results, runs["uniform"]) if r and u]
         pair = f"{statistics.median(pairs):.2f}" if pairs else "-"
         spread = f"[{min(pairs):.2f}, {max(pairs):.2f}]" if pairs else ""
         rss = max(r["peak_rss_mb"] for r in done)
-        print(f"  {method:<14}{step:>9.3f}{epoch:>11.3f}{seconds:>9.3f}{ratio:>7}{pair:>9}  {spread:<13}{rss:>11.0f}")
+        print(f"  {method:<14}{wall:>9.3f}{cpu:>9.3f}{end:>9.3f}{ratio:>7}{pair:>9}  {spread:<13}{rss:>11.0f}")
     sys.stdout.flush()
 
 
