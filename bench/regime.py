@@ -90,6 +90,14 @@ class Phased:
             return self.phase1.step(x, y, iteration)
         return self.strategy.step(x, y, iteration - self.phase1_steps)
 
+    def end_epoch(self, epoch: int, loader) -> None:
+        """The epoch's phase's epoch-level work, epochs counted from that phase's start (Meta-GF's fusion)."""
+        phase1_epochs = self.phase1_steps // self.phase1.steps_per_epoch
+        if epoch < phase1_epochs:
+            self.phase1.end_epoch(epoch, loader)
+        else:
+            self.strategy.end_epoch(epoch - phase1_epochs, loader)
+
     def state_dict(self) -> dict[str, Any]:
         return {"phase1": self.phase1.state_dict(), "phase2": self.strategy.state_dict()}
 

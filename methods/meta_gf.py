@@ -117,6 +117,9 @@ class MetaGF(Strategy):
             logits = self.model(x[:2])
             rows = []
             for z in logits:
+                if not z.requires_grad:  # everything under this exit is frozen
+                    rows.append([False] * len(params))
+                    continue
                 grads = iter(torch.autograd.grad(z.sum(), trainable, retain_graph=True, allow_unused=True))
                 rows.append([p.requires_grad and next(grads) is not None for p in params])
         for m, mode in zip(self.model.modules(), modes):
@@ -155,8 +158,9 @@ class MetaGF(Strategy):
             exit_losses[k] = float(ce[k].detach())  # exit k as its own copy trains it (fusion keeps that head)
             exit_correct[k] = float((logits[k].detach().argmax(1) == y).sum())
         self.scaler.update()
-        # The engine's optimizer holds no gradients (only the copies train): stepping it changes nothing and
-        # keeps the LR scheduler's "optimizer.step() before scheduler.step()" check satisfied.
+        # Only the copies train. With its gradients cleared (a regime's phase 1 may have left some) the engine's
+        # optimizer steps nothing, and the LR scheduler's "optimizer.step() before scheduler.step()" check holds.
+        self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.step()
         return StepOutput(sum(objectives) / K, exit_losses, exit_correct, int(y.numel()))
 

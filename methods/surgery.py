@@ -21,7 +21,9 @@ def exit_gradients(losses: list[torch.Tensor], params: list[torch.Tensor]) -> li
     """Per exit k, d losses[k] / d params (None where exit k does not reach a tensor); `losses` are separate
     scalars, one per exit."""
     K = len(losses)
-    return [torch.autograd.grad(losses[k], params, retain_graph=k < K - 1, allow_unused=True) for k in range(K)]
+    return [torch.autograd.grad(losses[k], params, retain_graph=k < K - 1, allow_unused=True)
+            if losses[k].requires_grad else (None,) * len(params)  # a frozen exit (a regime's frozen last head)
+            for k in range(K)]
 
 
 def surgery_gradients(per_exit: list[tuple[torch.Tensor | None, ...]], params: list[torch.Tensor], combine):

@@ -185,3 +185,27 @@ def test_frozen_parameters_stay_as_they_are():
     strategy.end_epoch(0, [(x, y)])
     assert torch.equal(model.stages[0].weight, frozen)
     assert not torch.equal(model.stages[0].bias, bias)  # its trainable neighbour was trained and fused
+
+
+@pytest.mark.slow
+def test_meta_gf_under_the_disjoint_regime_fuses_only_the_heads(tmp_path):
+    """Phase 2 of `disjoint` freezes the backbone and the last head: Meta-GF's copies train and fuse only the
+    earlier heads, so everything else leaves phase 2 exactly as phase 1 left it."""
+    from test_surgery import DIGITS
+
+    from bench import train
+    from bench.config import validate_trial
+
+    cfg = validate_trial({**DIGITS, "method": {"name": "meta-gf"}, "regime": {"name": "disjoint"},
+                          "out_dir": str(tmp_path / "run")})
+    after_phase1 = {}
+
+    def keep(row, run_dir):
+        if row["epoch"] == 1:
+            after_phase1.update(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
+
+    train.run(cfg, on_epoch=keep)
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    changed = {n for n, v in final["model"].items() if not torch.equal(v, after_phase1[n])}
+    assert changed and all(n.startswith(("heads.0.", "heads.1.")) for n in changed), changed
+    assert not torch.equal(final["strategy"]["phase2"]["alpha"], torch.ones(3, 24))
