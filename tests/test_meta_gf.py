@@ -108,7 +108,7 @@ def meta_grad_by_hand(strategy, alpha0, x, y, epoch, epochs, K):
     C = [0.15, 0.3, 0.45, 0.6, 0.75, 0.9]
     loss = sum(min(C[k], 0.01 + epoch * C[k] / epochs) * F.cross_entropy(logits[k], y) for k in range(K - 1))
     loss = loss + F.cross_entropy(logits[-1], y)
-    return torch.autograd.grad(loss, a)[0], float(loss)
+    return torch.autograd.grad(loss, a)[0], float(loss.detach())
 
 
 def test_one_meta_step_is_adam_on_the_fusion_loss():
