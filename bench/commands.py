@@ -83,7 +83,7 @@ def _budget(sub):
                                    "test_labels, macs [K]; a run's logits.pt holds its readout's outputs there, "
                                    "raw exits as *_raw_logits): anytime table, the 39-budget dynamic protocol, "
                                    "summary.")
-    p.add_argument("logits", help="logits .pt file")
+    p.add_argument("logits", help="logits .pt file, or a run folder (its logits.pt)")
     p.add_argument("--confidence", choices=["max_softmax", "entropy", "margin"], default="max_softmax",
                    help="exit confidence: max softmax probability (default, the reference's), negative entropy, "
                         "or top-1 minus top-2 probability")

@@ -230,13 +230,19 @@ def save_logits(path, val_logits, val_labels, test_logits, test_labels, macs, *,
 def load_logits(path) -> dict[str, torch.Tensor]:
     """Read and validate a logits file (weights-only load: tensors, no arbitrary pickles)."""
     path = Path(path)
+    if path.is_dir():  # a run folder: its logits.pt
+        if not (path / "logits.pt").is_file():
+            raise UsageError(f"{str(path)!r} is a folder without logits.pt; give a logits file or the folder of a "
+                             f"finished `exitbench train` run")
+        path = path / "logits.pt"
     if not path.is_file():
         raise UsageError(f"logits file {str(path)!r} not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"{str(path)!r} is not a readable weights-only torch file: {first}") from None
+        from bench.backbones.checkpoint import load_error
+
+        raise UsageError(f"cannot read logits file {str(path)!r}: {load_error(err)}") from None
     return validate_logits(data, source=str(path))
 
 

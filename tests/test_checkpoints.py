@@ -245,6 +245,28 @@ def test_evaluate_bad_files_are_one_line_exit_2(run_cli, tmp_path):
     assert code == 2 and "missing keys" in err and err.count("\n") == 1
 
 
+class _NotATensor:
+    pass
+
+
+def test_evaluate_foreign_files_say_what_they_are(run_cli, tmp_path):
+    """A text file is not a 'trust' problem, a pickled object is (and the hint names the Python API, the CLI has
+    no trust option), and a run's logits.pt points to `exitbench budget`."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint at all\n")
+    torch.save({"obj": _NotATensor()}, tmp_path / "object.pt")
+    torch.save({"val_logits": torch.zeros(2, 3, 4), "test_logits": torch.zeros(2, 3, 4),
+                "val_labels": torch.zeros(3, dtype=torch.long), "test_labels": torch.zeros(3, dtype=torch.long),
+                "macs": torch.tensor([1.0, 2.0])}, tmp_path / "logits.pt")
+    words = {"notes.txt": "not a file written by torch.save", "object.pt": "_NotATensor, which a weights-only read",
+             "logits.pt": "is a logits file (val_logits, test_logits), not a checkpoint; evaluate it with "
+                          "`exitbench budget"}
+    for name, word in words.items():
+        code, out, err = run_cli("evaluate", tmp_path / name, *DATA)
+        assert code == 2 and not out and word in err and err.count("\n") == 1, (name, err)
+        assert "In PyTorch 2.6" not in err and ("trusted=True" in err) == (name == "object.pt"), (name, err)
+        assert "state_dict checkpoint" not in err, (name, err)
+
+
 # --- init: start training from a checkpoint ---------------------------------------------------------------------
 
 TRIAL = {"data": {"name": "synthetic", "num_classes": 4, "image_size": 8, "train_size": 32, "test_size": 16,

@@ -406,7 +406,18 @@ def test_cli_budget_unreadable_files(run_cli, tmp_path):
     assert code == 2 and "not found" in err and err.count("\n") == 1
     (tmp_path / "junk.pt").write_text("not a torch file")
     code, _, err = run_cli("budget", tmp_path / "junk.pt")
-    assert code == 2 and "not a readable weights-only torch file" in err and err.count("\n") == 1
+    assert code == 2 and "not a file written by torch.save" in err and err.count("\n") == 1
+    assert "In PyTorch 2.6" not in err  # torch's paragraph, not one line
+    (tmp_path / "run").mkdir()
+    code, _, err = run_cli("budget", tmp_path / "run")
+    assert code == 2 and "is a folder without logits.pt" in err and err.count("\n") == 1
+
+
+def test_cli_budget_takes_a_run_folder(run_cli, tmp_path):
+    torch.save(_good(), tmp_path / "logits.pt")
+    by_file = run_cli("budget", tmp_path / "logits.pt", "--json")
+    by_folder = run_cli("budget", tmp_path, "--json")
+    assert by_file[0] == by_folder[0] == 0 and by_file[1] == by_folder[1]
 
 
 def test_cli_budget_bad_auc_range(run_cli, tmp_path):

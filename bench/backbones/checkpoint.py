@@ -70,13 +70,21 @@ def read_file(path: str | Path, trusted: bool = False) -> Any:
                          f"reference project")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot read {str(path)!r} safely ({first}); if you trust the file, load it with "
-                         f"trusted=True") from None
     except Exception as err:  # truncated or foreign files raise many kinds
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
+        raise UsageError(f"cannot read {str(path)!r}: {load_error(err)}") from None
+
+
+def load_error(err: Exception) -> str:
+    """What a failed weights-only `torch.load` means, in one line (torch's own message is a paragraph)."""
+    text = str(err)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:  # a real pickle with an object that is not a tensor or plain container
+        return (f"it pickles {refused.group(1)}, which a weights-only read refuses (tensors and plain containers "
+                f"only); if you trust the file, load it from Python with "
+                f"bench.backbones.checkpoint.read_file(path, trusted=True)")
+    if isinstance(err, pickle.UnpicklingError) or "Unsupported operand" in text:
+        return "not a file written by torch.save (no pickled tensors in it)"
+    return "not a readable torch file: " + (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def parse(obj: Any, where: str = "checkpoint") -> Weights:
@@ -84,6 +92,9 @@ def parse(obj: Any, where: str = "checkpoint") -> Weights:
     if not isinstance(obj, Mapping):
         raise UsageError(f"{where} holds a {type(obj).__name__}, not a checkpoint; expected an exitbench checkpoint "
                          f"or a state_dict (names -> tensors), possibly inside a 'state_dict' entry")
+    if "test_logits" in obj and "val_logits" in obj:
+        raise UsageError(f"{where} is a logits file (val_logits, test_logits), not a checkpoint; evaluate it with "
+                         f"`exitbench budget {where}`, or give `exitbench evaluate` the run folder")
     if isinstance(obj.get("config"), Mapping) and ("epoch" in obj or "model" in obj or "history" in obj):
         if not isinstance(obj.get("model"), Mapping):
             raise UsageError(f"{where} is an exitbench checkpoint without its 'model' weights; give the run's "
