@@ -236,7 +236,7 @@ class SweepConfig(Section):
     max_concurrent: int | None = Field(None, ge=1)
     storage_path: str = "runs"
     search: SearchConfig = Field(default_factory=SearchConfig)
-    report: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any] | None = None  # a section, even `report: {}`, means: report after the sweep
     # Opt-in trackers through Ray Tune's callbacks, e.g. {wandb: {project: p}} or {mlflow: {tracking_uri: u}};
     # the options are those of ray.air.integrations' WandbLoggerCallback / MLflowLoggerCallback.
     loggers: dict[Literal["wandb", "mlflow"], dict[str, Any]] = Field(default_factory=dict)

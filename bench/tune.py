@@ -542,7 +542,7 @@ def preflight(sweep: SweepConfig) -> None:
         raise UsageError("device=cuda needs resources.gpu > 0 (Ray hides GPUs from trials that ask for none); "
                          "set resources.gpu=1 (or 0.5 to share) or device=auto")
     logger_callbacks(sweep)  # a tracker whose package is missing: one line now, not a failed sweep later
-    if sweep.report:
+    if sweep.report is not None:
         from bench.report import build_report
 
         allowed = [p for p in inspect.signature(build_report).parameters if p != "sweep_dir"]
@@ -986,7 +986,7 @@ def cli_sweep(args) -> int:
         outcome = run_sweep(sweep, address=args.address, quiet=args.quiet)
     _print_summary(outcome)
     sweep = outcome.sweep
-    if sweep.report and outcome.finished and not is_uri(outcome.sweep_dir):
+    if sweep.report is not None and outcome.finished and not is_uri(outcome.sweep_dir):
         from bench.report import build_report
 
         written = build_report(outcome.sweep_dir, **sweep.report)

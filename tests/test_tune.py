@@ -376,3 +376,20 @@ def test_restore_takes_the_newest_checkpoint_that_loads_and_keeps_it(tmp_path):
     assert restore_checkpoint(str(trial), dest) and torch.load(dest, weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_resume"]
     assert not restore_checkpoint(str(tmp_path / "empty"), tmp_path / "new.pt") and not (tmp_path / "new.pt").exists()
+
+
+@pytest.mark.parametrize("section,reported", [({}, True), ({"plots": False}, True), (None, False)])
+def test_an_empty_report_section_still_reports(run_cli, tmp_path, monkeypatch, section, reported):
+    """`report: {}` is a report section (the README: a sweep with a `report:` section writes one), only its
+    absence means no report; Ray is replaced by a finished outcome."""
+    import bench.report
+    import bench.tune
+
+    calls = []
+    monkeypatch.setattr(bench.tune, "run_sweep", lambda sweep, **_: bench.tune.Outcome(
+        str(tmp_path / "runs" / sweep.name), sweep, trials=1, finished=1))
+    monkeypatch.setattr(bench.report, "build_report", lambda sweep_dir, **kw: calls.append(kw) or [])
+    changes = {} if section is None else {"report": section}
+    code, out, err = run_cli("sweep", sweep_file(tmp_path, "rep", **changes), "--quiet")
+    assert code == 0, out + err
+    assert calls == ([section] if reported else []) and ("report: nothing written" in out) == reported
