@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,6 +471,11 @@ def _default_key(method: str, cols: list[str]) -> str | None:
     return "\x1f".join(_key_value(flat.get(c.removeprefix("config."))) for c in cols)
 
 
+def _numbers_as_floats(label: str) -> str:
+    """A variant label with every number spelt as a float, so '[1, 2]' and '[1.0, 2.0]' compare equal."""
+    return re.sub(r"(?<![\w.])-?\d+(?:\.\d*)?(?:e[-+]?\d+)?(?![\w.])", lambda m: repr(float(m.group())), label)
+
+
 def resolve_baseline(runs: pd.DataFrame, requested: str | None) -> tuple[Baseline | None, str | None]:
     """The baseline named by `--baseline` (a method, meaning its default variant, or a variant as the tables
     print it, e.g. 'uniform (exit_weights=[1, 2, 3, 4])'). Without one: uniform's default variant, if any.
@@ -485,6 +491,9 @@ def resolve_baseline(runs: pd.DataFrame, requested: str | None) -> tuple[Baselin
         return None, (f"{who[0].upper()}{who[1:]} {message}; pass --baseline METHOD (or a variant as the tables "
                       "name it) for paired comparisons.")
 
+    if name not in labels and name not in methods:  # 'exit_weights=[1, 2, 4]' names the [1.0, 2.0, 4.0] variant
+        same = [v for v in labels if _numbers_as_floats(v) == _numbers_as_floats(name)]
+        name = same[0] if len(same) == 1 else name
     if name in labels and name not in methods:
         method = str(runs.loc[runs["label"] == name, "method"].iloc[0])
         cols = _method_columns(runs, method)

@@ -473,3 +473,20 @@ def test_bad_input_is_one_line_exit_2(sweep, tmp_path, run_cli, args, message):
     code, out, err = run_cli(*[a.format(tmp=tmp_path, sweep=sweep) for a in args])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "b").exists()
+
+
+def test_baseline_variant_named_with_whole_numbers(tmp_path):
+    """Real runs store exit_weights as floats, so tables print '[1.0, 2.0, 4.0]'; the README's and --help's
+    'uniform (exit_weights=[1, 2, 4])' must still name that variant (it said 'is not in this sweep')."""
+    for s in range(3):
+        write(record(f"u-s{s}", "uniform", s, [50, 70, 90 + s], [(1.5, 65), (3, 89)]), tmp_path)
+        write(record(f"w-s{s}", "uniform", s, [50, 70, 88 + s], [(1.5, 66), (3, 87)],
+                     exit_weights=[1.0, 2.0, 4.0]), tmp_path)
+    runs = report.annotate(report.results.load(tmp_path)).runs
+    spelt = "uniform (exit_weights=[1.0, 2.0, 4.0])"
+    assert spelt in set(runs["label"])
+    for name in (spelt, "uniform (exit_weights=[1, 2, 4])", "uniform (exit_weights=[1, 2.0, 4])"):
+        baseline, note = report.resolve_baseline(runs, name)
+        assert note is None and baseline.label == spelt and baseline.trial_ids == {"w-s0", "w-s1", "w-s2"}
+    with pytest.raises(report.UsageError, match="is not in this sweep"):
+        report.resolve_baseline(runs, "uniform (exit_weights=[1, 2, 5])")
