@@ -379,7 +379,7 @@ def cli_train(args) -> int:
     print(f"last exit: top-1 {last['top1']:.2f} %  MACs {last['macs'] / 1e6:.3f} M{readout}  ({record.counter})")
     s = record.summary
     if "auc" in s:
-        print(f"budgeted: AUC {s['auc']:.4f}  best {s.get('best_acc', float('nan')):.2f} %")
+        print(f"budgeted: AUC {s['auc']:.4f}  best of the 39 budgets {s.get('best_acc', float('nan')):.2f} %")
     print(f"wall time {record.wall_time_s:.1f} s, {record.train_images_per_s:.0f} train images/s")
     return 0
 

@@ -436,3 +436,13 @@ def test_save_logits_of_a_view_saves_only_its_data(tmp_path):
                    torch.zeros(10, dtype=torch.long), [1, 2, 3])
     assert (tmp_path / "a.pt").stat().st_size < 20_000  # not the 60 kB of `big`
     assert torch.equal(ev.load_logits(tmp_path / "a.pt")["test_logits"], big[:, 10:20])
+
+
+def test_cli_budget_names_which_best_it_prints(run_cli, tmp_path):
+    """The summary's best_acc is the top of the 39 budgets only; reports' best is the top of the curve with each
+    exit alone (= acc@100 %). Printed as plain 'best accuracy' beside a higher acc@100 % it read as a bug."""
+    torch.save(_good(), tmp_path / "logits.pt")
+    code, out, err = run_cli("budget", tmp_path / "logits.pt")
+    assert code == 0, err
+    summary = json.loads(run_cli("budget", tmp_path / "logits.pt", "--json")[1])["summary"]
+    assert f"best of the 39 budgets {summary['best_acc']:.2f} %" in out and "best accuracy" not in out
