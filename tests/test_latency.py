@@ -134,3 +134,22 @@ def test_cli_latency_bad_input(run_cli, tmp_path):
     (kept / "checkpoint.pt").unlink()
     code, _, err = run_cli("latency", run_dir)
     assert code == 2 and "no checkpoint.pt" in err
+
+
+@pytest.mark.parametrize("measured", [[1, 20, 39], list(range(1, 40))])
+def test_latency_figure_caption_counts_the_measured_budgets(tmp_path, monkeypatch, measured):
+    """`exitbench latency --budgets 1 20 39` measures 3 budgets; the caption said 'the 39 budgets' anyway."""
+    import pandas as pd
+
+    from bench import report
+
+    captions = []
+    monkeypatch.setattr(report, "_save", lambda fig, out, name, caption: captions.append(caption) or [])
+    rows = [{"trial_id": "t", "device": "cpu", "policy": "exit", "p": None, "ms_p50": 0.1 * k, "real_acc_b1": 50.0}
+            for k in (1, 2)]
+    rows += [{"trial_id": "t", "device": "cpu", "policy": "budget", "p": p, "ms_p50": 0.1 + p / 100,
+              "real_acc_b1": 60.0} for p in measured]
+    runs = pd.DataFrame([{"trial_id": "t", "label": "uniform", "seed": 0}])
+    report.latency_figure(tmp_path, runs, pd.DataFrame(rows))
+    expected = "the 39 budgets'" if len(measured) == 39 else "3 of the 39 budgets' (--budgets)"
+    assert captions == [f"lines: {expected} thresholds; crosses: each exit alone"]
