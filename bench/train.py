@@ -416,8 +416,12 @@ def cli_evaluate(args) -> int:
     try:  # checkpoints from before readouts existed hold none: fine for the identity, which has no weights
         readout.load_state_dict(weights.readout or {})
     except RuntimeError as err:
-        raise UsageError(f"checkpoint's readout does not fit method {cfg.method['name']!r}: "
-                         f"{str(err).splitlines()[0]}") from None
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)  # line 1 names no key
+        trained = (weights.config or {}).get("method")
+        fix = (f"the run was trained with method {trained}: drop the method overrides that change the readout"
+               if trained else "the file holds no trained readout: evaluate it without method=...")
+        raise UsageError(f"checkpoint's readout does not fit method {cfg.method['name']!r} as configured here "
+                         f"({detail.rstrip('. ')}); {fix}") from None
     readout_cost = readout_macs(readout)
     macs = [e.macs + r for e, r in
             zip(per_exit_cost(model, bundle.image_size, bundle.in_channels).exits, readout_cost)]

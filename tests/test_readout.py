@@ -126,6 +126,8 @@ def test_evaluate_refuses_a_readout_that_does_not_fit(tmp_path, run_cli):
     train.run(cfg)
     code, out, err = run_cli("evaluate", tmp_path / "run", "method={name: ztw}")
     assert code == 2 and err.count("\n") == 1 and "readout does not fit method 'ztw'" in err
+    # torch's first line ('Error(s) in loading state_dict for ZTWReadout:') names nothing: the keys and the fix
+    assert "Missing key(s) in state_dict" in err and "trained with method {'name': 'uniform'" in err, err
 
 
 def test_macs_include_the_readout(tmp_path):
