@@ -258,8 +258,8 @@ def test_evaluate_foreign_files_say_what_they_are(run_cli, tmp_path):
                 "val_labels": torch.zeros(3, dtype=torch.long), "test_labels": torch.zeros(3, dtype=torch.long),
                 "macs": torch.tensor([1.0, 2.0])}, tmp_path / "logits.pt")
     words = {"notes.txt": "not a file written by torch.save", "object.pt": "_NotATensor, which a weights-only read",
-             "logits.pt": "is a logits file (val_logits, test_logits), not a checkpoint; evaluate it with "
-                          "`exitbench budget"}
+             "logits.pt": "is a logits file (val_logits, test_logits), not a checkpoint: `exitbench budget` "
+                          "reads logits files"}
     for name, word in words.items():
         code, out, err = run_cli("evaluate", tmp_path / name, *DATA)
         assert code == 2 and not out and word in err and err.count("\n") == 1, (name, err)
@@ -289,6 +289,13 @@ def test_init_loads_exitbench_and_reference_weights_and_the_wpn(tmp_path, capsys
     assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, saved["strategy"]["wpn"][k]) for k, v in strategy.wpn.state_dict().items())
     assert "with the WPN" in capsys.readouterr().out
+    fresh = build({"name": "tiny", "widths": [4, 8]}, 4, 8)
+    init_from(tmp_path / "a", fresh)  # a run folder, as `exitbench evaluate` takes it: its checkpoint.pt
+    assert all(torch.equal(v, saved["model"][k]) for k, v in fresh.state_dict().items())
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(UsageError, match="is a folder without checkpoint.pt"):
+        init_from(tmp_path / "nothing", fresh)
+    capsys.readouterr()
     # A reference-format file (L2W-DEN layout, DDP prefixes) through the trial field, then training goes on.
     torch.save({"state_dict": {"module." + k: v for k, v in saved["model"].items()},
                 "meta_state_dict": {"module." + k: v for k, v in to_mlp_tanh(saved["strategy"]["wpn"]).items()}},

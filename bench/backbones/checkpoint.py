@@ -63,8 +63,11 @@ class Weights:
 def read_file(path: str | Path, trusted: bool = False) -> Any:
     """`torch.load` a checkpoint file (weights_only unless `trusted`); one UsageError line when it cannot."""
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():  # a run folder
+        path = path / "checkpoint.pt"
     if not path.is_file():
-        raise UsageError(f"checkpoint file {str(path)!r} does not exist")
+        what = "is a folder without checkpoint.pt" if path.is_dir() else "does not exist"
+        raise UsageError(f"checkpoint file {str(path)!r} {what}")
     if path.stat().st_size == 0:
         raise UsageError(f"checkpoint file {str(path)!r} is empty (0 bytes); give a file saved by exitbench or a "
                          f"reference project")
@@ -93,8 +96,8 @@ def parse(obj: Any, where: str = "checkpoint") -> Weights:
         raise UsageError(f"{where} holds a {type(obj).__name__}, not a checkpoint; expected an exitbench checkpoint "
                          f"or a state_dict (names -> tensors), possibly inside a 'state_dict' entry")
     if "test_logits" in obj and "val_logits" in obj:
-        raise UsageError(f"{where} is a logits file (val_logits, test_logits), not a checkpoint; evaluate it with "
-                         f"`exitbench budget {where}`, or give `exitbench evaluate` the run folder")
+        raise UsageError(f"{where} is a logits file (val_logits, test_logits), not a checkpoint: `exitbench "
+                         f"budget` reads logits files; a run's weights are its checkpoint.pt")
     if isinstance(obj.get("config"), Mapping) and ("epoch" in obj or "model" in obj or "history" in obj):
         if not isinstance(obj.get("model"), Mapping):
             raise UsageError(f"{where} is an exitbench checkpoint without its 'model' weights; give the run's "
