@@ -289,7 +289,9 @@ def load_runs(sweep_dirs: list[str]) -> tuple[results.Tables, str]:
         path = Path(sweep_dir)
         source = names[i] if names.count(names[i]) == 1 else f"{i + 1}:{names[i]}"
         if not path.is_dir():
-            raise UsageError(f"sweep folder {str(sweep_dir)!r} does not exist")
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise UsageError(f"sweep folder {str(sweep_dir)!r} {what}; give a sweep's folder "
+                             f"(<storage_path>/<name>) or a run folder of `exitbench train`")
         tables = results.load(path, REPORT_TABLES)  # per-epoch rows (most of a store) are never reported
         if tables.runs.empty:
             raise UsageError(f"the results store of {str(sweep_dir)!r} holds no trials (nothing to report)")

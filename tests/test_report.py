@@ -457,6 +457,7 @@ def test_readme_shows_the_committed_default_table():
 
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}/nope"], "does not exist"),
+    (["report", "{tmp}/file"], "sweep folder '{tmp}/file' is a file, not a folder"),  # it said 'does not exist'
     (["report", "{tmp}/empty"], "holds no trials"),
     (["report", "{tmp}/plain"], "no results store"),
     (["report", "{sweep}", "--metric", "speed"], "unknown --metric 'speed'; valid: auc"),
@@ -471,7 +472,7 @@ def test_bad_input_is_one_line_exit_2(sweep, tmp_path, run_cli, args, message):
     (tmp_path / "plain").mkdir()
     (tmp_path / "file").write_text("x")
     code, out, err = run_cli(*[a.format(tmp=tmp_path, sweep=sweep) for a in args])
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "b").exists()
 
 
