@@ -219,10 +219,14 @@ def include(paths: list[str]) -> None:
         if path.is_dir():
             files = sorted(f for f in path.glob("*.py") if not f.name.startswith("_"))
             folder = path
+            if not files:  # a typo'd folder would otherwise load nothing, silently
+                raise UsageError(f"--include {given}: the folder holds no .py file (other than _*.py); give a "
+                                 f"Python file that registers components or a folder of them")
         elif path.is_file() and path.suffix == ".py":
             files, folder = [path], path.parent
         else:
-            raise UsageError(f"--include {given}: no such .py file or folder; give a Python file that registers "
+            what = "is not a .py file" if path.exists() else "no such .py file or folder"
+            raise UsageError(f"--include {given}: {what}; give a Python file that registers "
                              f"components or a folder of them")
         _included.append(str(path))
         for module in _COMPONENT_MODULES:  # built-ins first, so that a clash of names blames the plugin

@@ -410,3 +410,15 @@ def test_included_plugin_runs_in_sweep_trials(ray_session, run_cli, fresh_regist
     assert code == 0, out + err
     runs = results.load(tmp_path / "runs" / "plugged").runs
     assert list(runs["status"]) == ["finished"] and list(runs["config.method.name"]) == ["plugged-sweep"]
+
+
+def test_include_of_an_empty_folder_or_a_non_py_file_is_one_line(run_cli, fresh_registries, tmp_path):
+    """A folder with no .py file loaded nothing without a word (a typo'd path went unnoticed); a YAML file
+    given to --include was said not to exist."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_private.py").write_text("")
+    (tmp_path / "sweep.yaml").write_text("name: s\n")
+    for path, message in ((tmp_path / "empty", "the folder holds no .py file"),
+                          (tmp_path / "sweep.yaml", "is not a .py file")):
+        code, out, err = run_cli("--include", path, "list")
+        assert code == 2 and out == "" and message in one_line(err), err
