@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: run test lint clean data
+.PHONY: run test lint clean data leaderboard leaderboard-report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 # stays `default`, so two runs give identical tables (the name is their title).
 run: $(VENV)/.installed
 	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep default storage_path=runs/$$(date +%Y%m%d-%H%M%S)
+
+# The Fashion-MNIST leaderboard (results/fashion-mnist/sweep.yaml, ~1-2 h on 2 cores) in a fresh folder, reported
+# into results/fashion-mnist/, then merged with the digits sweep and the published rows into results/leaderboard.md.
+# Interrupted: `exitbench sweep --resume runs/<time>/fashion-mnist` (the sweep prints it), then `make leaderboard-report`.
+leaderboard: $(VENV)/.installed data
+	RAY_AUTH_MODE=disabled $(BIN)/exitbench sweep results/fashion-mnist/sweep.yaml storage_path=runs/$$(date +%Y%m%d-%H%M%S)
+	$(MAKE) leaderboard-report
+
+leaderboard-report: $(VENV)/.installed
+	$(BIN)/exitbench leaderboard results/fashion-mnist results/default --published results/published --out results
 
 test: $(VENV)/.installed-dev
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q

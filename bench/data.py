@@ -49,6 +49,8 @@ class DataParams(Params):
     train_on_val: bool = Field(False, description="train on the val images too (the reference protocols' full "
                                                   "training set); only with calibration train or test")
     workers: int = Field(0, ge=0, description="loader worker processes per split")
+    train_subset: int | None = Field(None, ge=1, description="train on a seeded subset of this many of the images "
+                                                             "left after val is held out (default: all of them)")
 
     @field_validator("val_size")
     @classmethod
@@ -115,8 +117,19 @@ def _hold_out(train_view: Dataset, eval_view: Dataset, n: int, p: DataParams, se
               ) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """(train, val, info): val = a seeded subset of the EVAL view; train = the rest of the train view."""
     train_idx, val_idx, digest = heldout_split(n, p.val_size, seed, what)
-    train = train_view if p.train_on_val else Subset(train_view, train_idx)
-    return train, Subset(eval_view, val_idx), {"val_indices_sha1": digest, "val_in_train": p.train_on_val}
+    if p.train_on_val:
+        train_idx = np.arange(n)
+    info: dict[str, Any] = {"val_indices_sha1": digest, "val_in_train": p.train_on_val}
+    if p.train_subset is not None:
+        if p.train_subset > len(train_idx):
+            raise ConfigError(f"data.train_subset: {p.train_subset} is more than the {len(train_idx)} training "
+                              f"images {what} leaves after val; use 1..{len(train_idx)} or null for all")
+        # Its own stream (seed + 1) so the subset never correlates with the val permutation.
+        pick = np.random.default_rng(seed + 1).permutation(len(train_idx))[:p.train_subset]
+        train_idx = np.sort(train_idx[pick])
+        info["train_subset_sha1"] = hashlib.sha1(train_idx.astype(np.int64).tobytes()).hexdigest()
+    train = train_view if p.train_on_val and p.train_subset is None else Subset(train_view, train_idx)
+    return train, Subset(eval_view, val_idx), info
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -737,7 +750,9 @@ def cli_check(args) -> int:
         ("files", info["files"]),
         ("classes", info["num_classes"]),
         ("image shape", " x ".join(map(str, shapes["val"])) + " (channels x height x width)"),
-        ("train", info["train_size"]),
+        ("train", f"{info['train_size']}" + (f" (seeded subset, data.train_subset; sha1 "
+                                              f"{info['train_subset_sha1'][:12]})" if "train_subset_sha1" in info
+                                              else "")),
         ("val", f"{info['val_size']} ({val_note}, {seed_note}; evaluation transforms)"),
         ("test", info["test_size"]),
         ("calibration", f"{info['calibration']}: thresholds from {calib_from}"),

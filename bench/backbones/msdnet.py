@@ -274,6 +274,9 @@ _preset("msdnet-cifar-anytime", "MSDNet README CIFAR anytime config (7 exits)",
         nBlocks=7, stepmode="even", step=2, base=4, **_CIFAR)
 _preset("msdnet-cifar-budget", "MSDNet README CIFAR budgeted config, as in L2W-DEN (5 exits)",
         nBlocks=5, stepmode="lin_grow", step=1, base=1, **_CIFAR)
+_preset("msdnet-fmnist", "MSDNet for 28x28 grey (Fashion-MNIST): 3 scales 28/14/7, 5 exits, 2.6-11.3 M MACs",
+        nBlocks=5, stepmode="even", step=1, base=1, data="cifar", nChannels=8, growthRate=4, grFactor=[1, 2, 4],
+        bnFactor=[1, 2, 4])
 for _k in (4, 6, 7):
     _preset(f"msdnet-imagenet-step{_k}", f"MSDNet ImageNet, step = base = {_k} (5 exits)", data="imagenet",
             nBlocks=5, stepmode="even", step=_k, base=_k, nChannels=32, growthRate=16, grFactor=[1, 2, 4, 4],
