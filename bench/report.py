@@ -521,10 +521,9 @@ def resolve_baseline(runs: pd.DataFrame, requested: str | None) -> tuple[Baselin
 
 # --------------------------------------------------------------------------------------------- comparison
 
-def compare(runs: pd.DataFrame, metrics: pd.DataFrame, curves: Curves, baseline: Baseline,
-            speedup_acc: float | None, test_metric: str = "auc") -> pd.DataFrame:
-    """Every group that is not the baseline against it, paired by seed; one row per (group, baseline variant).
-    The paired tests are on `test_metric`; their Holm correction runs over all rows."""
+def paired_trials(runs: pd.DataFrame, metrics: pd.DataFrame, baseline: Baseline) -> pd.DataFrame:
+    """Each finished trial that is not the baseline beside the baseline trial with the same seed and shared
+    settings (columns suffixed _base); empty when nothing pairs."""
     done = runs[runs["status"] == "finished"].merge(metrics, on="trial_id")
     shared = [c for c in varied_columns(runs) if not c.startswith("config.method.")]
     is_base = done["trial_id"].isin(baseline.trial_ids)
@@ -538,6 +537,15 @@ def compare(runs: pd.DataFrame, metrics: pd.DataFrame, curves: Curves, baseline:
         return df.assign(_occ=df.groupby([*group, "dataset", "backbone", "_pair"], sort=False).cumcount())
 
     pairs = keyed(others, KEYS).merge(keyed(base, []), on=on, suffixes=("", "_base"))
+    pairs.attrs["baseline"] = baseline.label
+    return pairs
+
+
+def compare(runs: pd.DataFrame, metrics: pd.DataFrame, curves: Curves, baseline: Baseline,
+            speedup_acc: float | None, test_metric: str = "auc") -> pd.DataFrame:
+    """Every group that is not the baseline against it, paired by seed; one row per (group, baseline variant).
+    The paired tests are on `test_metric`; their Holm correction runs over all rows."""
+    pairs = paired_trials(runs, metrics, baseline)
     if pairs.empty:
         return pd.DataFrame()
     mine, theirs = curves.take(pairs["trial_id"]), curves.take(pairs["trial_id_base"])
@@ -902,8 +910,9 @@ def _legend(ax, ci_handle, with_ci: bool) -> None:
 
 
 def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.DataFrame, curves: Curves,
-            agg: pd.DataFrame, palette: dict[str, tuple]) -> list[Path]:
-    """anytime, budgeted and exit_fractions figures (PNG and PDF), one row per dataset x backbone."""
+            agg: pd.DataFrame, palette: dict[str, tuple], pairs: pd.DataFrame | None = None) -> list[Path]:
+    """anytime, budgeted, differences (with `pairs`: see paired_trials) and exit_fractions figures (PNG and
+    PDF), one row per dataset x backbone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -967,11 +976,64 @@ def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.D
         _accuracy_limits(ax)
     written += _save(fig, out, "budgeted", note)
 
+    if pairs is not None and not pairs.empty:
+        written += _differences_figure(out, pairs, curves, groups, palette, note)
+
     budgets = tables.budgets
     if "exit_fractions" in budgets and "p" in budgets and len(budgets):
         columns = ["trial_id", "method", "label"]
         written += _exit_fraction_figure(out, budgets, groups, columns, palette, note)
     return written
+
+
+DIFF_GRID = np.linspace(1, 100, 199)  # budgets as % of the paired baseline trial's last-exit MACs
+
+
+def difference_band(mine: Curves, theirs: Curves, last_macs_base, grid_pct):
+    """Mean paired difference mine - theirs (row i with row i) at grid_pct % of each pair's baseline last-exit
+    MACs, its 95 % paired t-interval, and where every pair has a value (mean and interval NaN elsewhere)."""
+    q = np.asarray(grid_pct, float)[None, :] / 100 * np.asarray(last_macs_base, float)[:, None]
+    d = mine.at(q) - theirs.at(q)
+    complete = np.isfinite(d).all(0)
+    n = d.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(complete, d.mean(0), np.nan) if n else np.full(q.shape[1], np.nan)
+        std = d.std(0, ddof=1) if n > 1 else np.full(q.shape[1], np.nan)
+    lo, hi = t_bounds(mean, std, n)
+    return mean, lo, hi, complete
+
+
+def _differences_figure(out, pairs, curves, groups, palette, note) -> list[Path]:
+    """Paired differences to the baseline along the budget: for each pair (same seed and settings), the group's
+    budgeted accuracy minus the baseline's at the same MACs (a share of the baseline trial's last exit), then
+    the mean over pairs and its paired t-interval, drawn only where every pair has a value."""
+    fig, axes = _axes(len(groups))
+    base_label = pairs.attrs.get("baseline", "baseline")
+    for ax, ((dataset, backbone), _) in zip(axes[:, 0], groups):
+        panel = pairs[(pairs["dataset"] == dataset) & (pairs["backbone"] == backbone)]
+        if panel.empty:
+            ax.set_axis_off()
+            continue
+        for method, by_method in panel.groupby("method", sort=True):
+            for j, ((_, variant_base), grp) in enumerate(by_method.groupby(["variant", "variant_base"], sort=True)):
+                mean, lo, hi, complete = difference_band(curves.take(grp["trial_id"]), curves.take(grp["trial_id_base"]),
+                                                         grp["last_macs_base"], DIFF_GRID)
+                n = len(grp)
+                label = f"{grp['label'].iloc[0]} · n = {n} pairs" + (
+                    f": no CI (n < {MIN_SEEDS_FOR_CI})" if n < MIN_SEEDS_FOR_CI else "")
+                colour = palette[method]
+                ax.plot(DIFF_GRID, mean, color=colour, linestyle=LINESTYLES[j % len(LINESTYLES)], label=label)
+                ax.fill_between(DIFF_GRID, lo, hi, where=complete & np.isfinite(lo), color=colour, alpha=0.15,
+                                linewidth=0)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(title=f"Paired differences vs {base_label} · {dataset} · {backbone}",
+               xlabel=f"budget (% of the {base_label} trial's last-exit MACs)",
+               ylabel="Δ top-1 accuracy (points)")
+        from matplotlib.patches import Patch
+
+        _legend(ax, Patch(color="grey", alpha=0.3, label=f"shaded: {DIFF_CI_KIND} (n ≥ {MIN_SEEDS_FOR_CI} pairs)"),
+                True)
+    return _save(fig, out, "differences", note)
 
 
 def curve_band(curves: Curves, last_macs, grid, test_sizes=DEFAULT_TEST_SIZE):
@@ -1017,7 +1079,8 @@ def _accuracy_limits(ax) -> None:
 
 def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[Path]:
     """Share of test samples leaving at each exit (mean over seeds), at four budgets spread over the protocol's
-    range; one bar per group and exit."""
+    range; one bar per group and exit, one legend per row (a legend per panel costs most of the drawing time
+    and covers the bars once there are many groups); each panel's title gives its mean expected MACs range."""
     ps = np.sort(budgets["p"].unique())
     chosen = ps[np.unique(np.round(np.linspace(0, len(ps) - 1, 6)[1:-1]).astype(int))] if len(ps) > 4 else ps
     fig, axes = _axes(len(groups), len(chosen), width=4.2, height=3.6)
@@ -1034,9 +1097,8 @@ def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[
             if not width or not sel.any():
                 ax.set_axis_off()
                 continue
-            by = bu[sel].groupby(["method", "label", "dagger"], sort=True)
-            means, cost = shares[sel].groupby([bu.loc[sel, k] for k in ("method", "label", "dagger")]).mean(), \
-                by["expected_macs"].mean()
+            keys = [bu.loc[sel, k] for k in ("method", "label", "dagger")]
+            means, cost = shares[sel].groupby(keys).mean(), bu.loc[sel, "expected_macs"].groupby(keys).mean()
             n_methods = means.index.get_level_values("method").value_counts()
             bar = 0.8 / len(means)
             for j, ((method, label, dagger), values) in enumerate(means.iterrows()):
@@ -1044,10 +1106,15 @@ def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[
                 step = sum(1 for m, *_ in means.index[:j] if m == method) / n_methods[method] * 0.55
                 colour = tuple(c + (1 - c) * step for c in palette[method])
                 ax.bar(np.arange(1, width + 1) - 0.4 + bar * (j + 0.5), values.to_numpy(), bar, color=colour,
-                       label=f"{label}{dagger}: {cost[(method, label, dagger)] / scale:.3g} {unit}")
-            ax.set(title=f"{dataset} · {backbone} · budget p={p:g}", xlabel="exit", ylim=(0, 1),
-                   xticks=np.arange(1, width + 1), ylabel="fraction of test samples" if col == 0 else "")
-            ax.legend(title=f"mean expected MACs ({_counter_text(g)})", fontsize=7, title_fontsize=7)
+                       label=f"{label}{dagger}")
+            ax.set(title=f"budget p={p:g} · {cost.min() / scale:.3g}–{cost.max() / scale:.3g} {unit} MACs",
+                   xlabel="exit", ylim=(0, 1), xticks=np.arange(1, width + 1),
+                   ylabel=f"{dataset} · {backbone}\nfraction of test samples" if col == 0 else "")
+            ax.title.set_fontsize(9)
+        shown = [ax for ax in axes[row] if ax.axison]
+        if shown:
+            shown[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False,
+                             title=f"mean over seeds\n(MACs: mean expected, {_counter_text(g)})", title_fontsize=7)
     return _save(fig, out, "exit_fractions", note)
 
 
@@ -1140,7 +1207,8 @@ def write_report(tables: results.Tables, name: str, out: str | Path, baseline: s
     if plots:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tight_layout notes
-            written += figures(out, runs, tables, metrics, curves, agg, method_palette(runs["method"]))
+            pairs = paired_trials(runs, metrics, base) if base is not None else None
+            written += figures(out, runs, tables, metrics, curves, agg, method_palette(runs["method"]), pairs)
             written += latency_figure(out, runs, getattr(tables, "latency", None))
     return written
 

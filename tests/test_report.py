@@ -225,8 +225,36 @@ def test_figure_legends_name_the_interval_and_mark_fewer_seeds(built, sweep):
     assert "l2w (epsilon=0.5) · n = 3 (+1 failed)" in texts
     assert "l2w (epsilon=1) · n = 1 of 3: no CI (n < 3)" in texts and "uniform · n = 3" in texts
     out, files = built
-    for stem in ("anytime", "budgeted", "exit_fractions"):
+    for stem in ("anytime", "budgeted", "differences", "exit_fractions"):
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" and (out / f"{stem}.pdf").stat().st_size > 1000
+
+
+def test_paired_difference_band_along_the_budget():
+    # Pairs (m_i, u_i); budgets as % of each pair's baseline last-exit MACs (4 M, then 2 M).
+    mine = report.Curves.envelopes(["m1", "m1", "m2", "m2", "m3", "m3"], [1, 4, 0.5, 2, 1, 4],
+                                   [60, 90, 50, 80, 62, 88])
+    base = report.Curves.envelopes(["u1", "u1", "u2", "u2", "u3", "u3"], [1, 4, 1, 2, 2, 4],
+                                   [50, 80, 40, 70, 60, 85])
+    pct = np.array([10.0, 25.0, 50.0, 100.0])
+    mean, lo, hi, complete = report.difference_band(mine, base, [4, 2, 4], pct)
+
+    def line(x, x0, y0, x1, y1):
+        return np.nan if x < x0 else y0 + (min(x, x1) - x0) / (x1 - x0) * (y1 - y0)
+
+    for k, p in enumerate(pct):
+        q = [p / 100 * 4, p / 100 * 2, p / 100 * 4]
+        d = [line(q[0], 1, 60, 4, 90) - line(q[0], 1, 50, 4, 80),
+             line(q[1], 0.5, 50, 2, 80) - line(q[1], 1, 40, 2, 70),
+             line(q[2], 1, 62, 4, 88) - line(q[2], 2, 60, 4, 85)]
+        if np.isnan(d).any():  # u3 starts at 2 M: nothing below 50 %
+            assert not complete[k] and np.isnan(mean[k]) and np.isnan(lo[k])
+            continue
+        assert complete[k] and mean[k] == pytest.approx(np.mean(d))
+        assert (lo[k], hi[k]) == (pytest.approx(np.mean(d) - ci(np.std(d, ddof=1), 3)),
+                                  pytest.approx(np.mean(d) + ci(np.std(d, ddof=1), 3)))
+    assert complete.tolist() == [False, False, True, True]
+    two = report.difference_band(mine.take(["m1", "m2"]), base.take(["u1", "u2"]), [4, 2], pct)
+    assert np.isfinite(two[0][3]) and np.isnan(two[1]).all()  # 2 pairs: a mean, no interval
 
 
 # ------------------------------------------------------------------------------------------ comparisons
