@@ -6,6 +6,10 @@ Writes fake CIFAR batches and a fake ImageNet folder (JPEG, ~500x375) to a temp 
   - ImageNet-folder images/s for bench.data vs torchvision ImageFolder with the same transforms,
   - bytes the file list costs per image (numpy byte array vs ImageFolder's list of tuples).
 Run: .venv/bin/python benchmarks/data_loading.py [--cifar-images 10000] [--folder-images 256]
+
+With --trial SWEEP.yaml it instead profiles one trial of that sweep (its base config, --method, --threads): the
+share of each training step spent waiting for the loader, measured around the same loop `bench.train` runs
+(loader -> strategy.step), e.g. results/fashion-mnist/sweep.yaml, whose goal is < 10 %.
 """
 
 from __future__ import annotations
@@ -47,11 +51,74 @@ def loader_rate(dataset, workers: int, batch_size: int, max_batches: int | None 
     return seen / (time.perf_counter() - t0)
 
 
+def trial_profile(path: str, method: str, threads: int, steps: int) -> None:
+    """Seconds per training step spent in the loader (next batch) and in the strategy's step, for one trial."""
+    from bench import backbones
+    from bench.config import load_sweep, validate_trial
+    from bench.readout import build_readout
+    from bench.regime import Regime
+    from bench.train import build_optimizer
+
+    sweep = load_sweep(path)
+    cfg = validate_trial({**sweep.base.model_dump(mode="json"), "method": {"name": method}, "threads": threads})
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    bundle = data.build(cfg.data, cfg.batch_size, seed=0, device=torch.device("cpu"))
+    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
+    steps_per_epoch = len(bundle.train)
+    optimizer = build_optimizer(cfg.optim, model)
+    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)
+    strategy = regime.build_strategy(cfg.method, model=model, optimizer=optimizer, total_steps=cfg.epochs *
+                                     steps_per_epoch, steps_per_epoch=steps_per_epoch, device=torch.device("cpu"),
+                                     amp=False, readout=build_readout(cfg.method, model.num_exits, bundle.num_classes))
+    regime.begin_epoch(0, model, optimizer)
+    waits, computes = [], []
+    batches = iter(bundle.train)
+    for i in range(min(steps + 3, steps_per_epoch)):
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        t1 = time.perf_counter()
+        strategy.step(x, y, i)
+        t2 = time.perf_counter()
+        if i >= 3:  # the first steps warm caches and allocators
+            waits.append(t1 - t0)
+            computes.append(t2 - t1)
+    wait, compute = float(np.mean(waits)), float(np.mean(computes))
+    print(f"{path}: {cfg.data['name']} x {cfg.backbone['name']} x {method}, batch {cfg.batch_size}, "
+          f"{cfg.data.get('workers', 0)} loader workers, {threads} thread(s), {len(waits)} steps")
+    print(f"per step: loader {wait * 1000:.1f} ms | step {compute * 1000:.1f} ms | loader share "
+          f"{100 * wait / (wait + compute):.1f} % of the step time (goal < 10 %)")
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, no usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineErrors(description=__doc__.splitlines()[0])
     ap.add_argument("--cifar-images", type=int, default=10000)
     ap.add_argument("--folder-images", type=int, default=256)
+    ap.add_argument("--trial", metavar="SWEEP_YAML", help="profile one trial of this sweep instead")
+    ap.add_argument("--method", default="uniform", help="with --trial: the strategy (default uniform)")
+    ap.add_argument("--threads", type=positive, default=1, help="with --trial: torch threads (default 1, as the sweeps)")
+    ap.add_argument("--steps", type=positive, default=60, help="with --trial: measured steps (default 60)")
     args = ap.parse_args()
+    if args.trial:
+        from bench.errors import ConfigError, UsageError
+
+        try:
+            trial_profile(args.trial, args.method, args.threads, args.steps)
+        except (ConfigError, UsageError) as err:
+            ap.error(f"--trial {args.trial}: {err}")
+        return
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,3 +42,26 @@ def test_strategy_speed_bad_arguments(args, message):
     assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
     if "--methods" in args:
         assert "pcgrad" in done.stderr and "meta-gf" in done.stderr  # the valid names are listed
+
+
+DATA_LOADING = SCRIPT.parent / "data_loading.py"
+
+
+def test_data_loading_profiles_one_trial_of_a_sweep():
+    config = Path(__file__).resolve().parent.parent / "bench" / "configs" / "default.yaml"
+    done = subprocess.run([sys.executable, str(DATA_LOADING), "--trial", str(config), "--steps", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "digits x tiny x uniform, batch 64, 0 loader workers, 1 thread(s), 3 steps" in done.stdout
+    share = float(done.stdout.split("loader share ")[1].split(" %")[0])
+    assert 0 < share < 100
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trial", "nope.yaml"], "--trial nope.yaml: "),
+    (["--trial", "x.yaml", "--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+])
+def test_data_loading_bad_arguments(args, message):
+    done = subprocess.run([sys.executable, str(DATA_LOADING), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
