@@ -56,6 +56,7 @@ NOT_HYPERPARAMS = {"config.seed", "config.name", "config.out_dir", "config.progr
                    "config.data.name", "config.backbone.name", "config.method.name"}
 DAGGER = "†"
 MIN_SEEDS_FOR_CI = 3
+ALPHA = 0.05  # family-wise level of the leaderboard's significance column (Holm over its comparisons)
 CI_KIND = "95 % logit-t CI"  # how every table and figure names the interval of a mean accuracy
 DIFF_CI_KIND = "95 % paired t CI"  # the interval of a mean paired difference
 DEFAULT_TEST_SIZE = 10_000  # for the logit of an exact 0 / 100 % when the store does not record the test size
@@ -549,16 +550,18 @@ def compare(runs: pd.DataFrame, metrics: pd.DataFrame, curves: Curves, baseline:
     if pairs.empty:
         return pd.DataFrame()
     mine, theirs = curves.take(pairs["trial_id"]), curves.take(pairs["trial_id_base"])
+    new = {}  # added at once: pairs carries every config column twice, and column-by-column inserts fragment it
     for f in FRACTIONS:  # both curves at the same MACs: f % of the baseline's last exit
         q = f / 100 * pairs["last_macs_base"].to_numpy(float)
-        pairs[f"d_acc_at_{f}"] = mine.at(q) - theirs.at(q)
+        new[f"d_acc_at_{f}"] = mine.at(q) - theirs.at(q)
     for m in ("auc", "best_acc", "last_acc"):
-        pairs[f"d_{m}"] = pairs[m] - pairs[f"{m}_base"]
+        new[f"d_{m}"] = pairs[m] - pairs[f"{m}_base"]
     target = pairs["best_acc_base"].to_numpy(float) if speedup_acc is None else np.full(len(pairs), speedup_acc)
     with np.errstate(invalid="ignore", divide="ignore"):
-        pairs["log_speedup"] = np.log(theirs.macs_to_reach(target) / mine.macs_to_reach(target))
-    pairs["target"] = target
-    pairs["calibration_pair"] = pairs["calibration"].astype(str) + "," + pairs["calibration_base"].astype(str)
+        new["log_speedup"] = np.log(theirs.macs_to_reach(target) / mine.macs_to_reach(target))
+    new["target"] = target
+    new["calibration_pair"] = pairs["calibration"].astype(str) + "," + pairs["calibration_base"].astype(str)
+    pairs = pd.concat([pairs[[*KEYS, "variant_base", "label"]], pd.DataFrame(new, index=pairs.index)], axis=1)
     grouped = pairs.groupby([*KEYS, "variant_base"], sort=True, dropna=False)
     cols = [f"d_{m}" for m in METRICS]
     mean, std, n = grouped[cols].mean(), grouped[cols].std(ddof=1), grouped[cols].count()
@@ -796,7 +799,9 @@ def leaderboard_markdown(agg: pd.DataFrame, metric: str, title: str, comp: pd.Da
     if paired:
         out += [f"Δ: paired difference in {METRICS[metric]} to {baseline.label} (same seed and settings), mean "
                 f"[{DIFF_CI_KIND}]; p: two-sided paired t-test / exact sign-flip permutation test, Holm-adjusted "
-                f"p in brackets (over the {int(comp['p_t'].notna().sum())} comparisons of this report).", ""]
+                f"p in brackets (over the {int(comp['p_t'].notna().sum())} comparisons of this report). "
+                f"Significant: Holm-adjusted paired t p < {ALPHA:g}, and in which direction (the exact sign-flip "
+                f"test cannot go below 2 / 2^n, e.g. {2 / 2 ** 5:.4g} with 5 pairs).", ""]
         by_key = {tuple(r[k] for k in KEYS): r for _, r in comp.iterrows()}
     if produced:
         out += [produced, ""]
@@ -812,20 +817,31 @@ def leaderboard_markdown(agg: pd.DataFrame, metric: str, title: str, comp: pd.Da
                 key = tuple(r[k] for k in KEYS)
                 c = by_key.get(key)
                 if base_groups and key in base_groups:
-                    row += ["baseline", "", ""]
+                    row += ["baseline", "", "", ""]
                 elif c is None:
-                    row += ["no pairs", "—", "—"]
+                    row += ["no pairs", "—", "—", "—"]
                 else:
                     row += [fmt_interval(c[f"d_{metric}_mean"], c[f"d_{metric}_lo"], c[f"d_{metric}_hi"])
                             + f", n = {c[f'd_{metric}_n']}",
-                            fmt_p(c["p_t"], c["p_t_holm"]), fmt_p(c["p_signflip"], c["p_signflip_holm"])]
+                            fmt_p(c["p_t"], c["p_t_holm"]), fmt_p(c["p_signflip"], c["p_signflip_holm"]),
+                            significance(c[f"d_{metric}_mean"], c["p_t_holm"])]
             rows.append(row + ([r["sources"]] if "sources" in r else []))
         others = [METRICS[k] for k in ("last_acc", "auc", "best_acc") if k != metric]
-        extra = [f"Δ vs {baseline.label}", "p t (Holm)", "p sign-flip (Holm)"] if paired else []
+        extra = [f"Δ vs {baseline.label}", "p t (Holm)", "p sign-flip (Holm)", f"significant (α = {ALPHA:g})"] \
+            if paired else []
         out += [f"## {dataset} · {backbone}", "",
                 md_table(["rank", "method", METRICS[metric], CI_KIND, "seeds", *others, *extra,
                           *(["sweeps"] if "sources" in g else [])], rows), ""]
     return "\n".join(out + footnotes(agg))
+
+
+def significance(mean_diff: float, p_holm: float) -> str:
+    """Whether a paired difference is significant after Holm's correction, and its sign."""
+    if not np.isfinite(p_holm):
+        return "—"
+    if p_holm >= ALPHA:
+        return "no"
+    return "yes: higher" if mean_diff > 0 else "yes: lower"
 
 
 def footnotes(agg: pd.DataFrame) -> list[str]:

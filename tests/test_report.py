@@ -376,6 +376,21 @@ def test_paired_tests_with_holm_correction(ablation, tmp_path):
     assert "p t (Holm)" in board and "p sign-flip (Holm)" in board and "| baseline |" in board
     l2w = comp[comp["method"] == "l2w"].iloc[0]
     assert f"{l2w['p_t']:.3g} ({l2w['p_t_holm']:.3g})" in board
+    # The significance column: Holm-adjusted paired t p < 0.05, with the direction of the mean difference.
+    adjusted_t = holm_by_hand({k: v[0] for k, v in expected.items()})
+    for _, r in comp.iterrows():
+        key = (r["method"], r["variant"])
+        d = np.mean(np.array(LAST[(key[0], "[1, 2, 4]" if key[1] else None)] if key[0] != "ge" else [90.0, 91.0])
+                    - (base if key[0] != "ge" else base[:2]))
+        want = "no" if adjusted_t[key] >= 0.05 else ("yes: higher" if d > 0 else "yes: lower")
+        line = next(x for x in board.splitlines() if x.startswith("| ") and f" | {r['label']} | " in x)
+        assert line.rstrip(" |").endswith(want), (key, line)
+    assert "significant (α = 0.05)" in board
+
+
+def test_significance_reads_the_holm_adjusted_p():
+    assert report.significance(1.2, 0.01) == "yes: higher" and report.significance(-0.3, 0.049) == "yes: lower"
+    assert report.significance(2.0, 0.05) == "no" and report.significance(1.0, float("nan")) == "—"
 
 
 def test_holm_and_sign_flip_by_hand():
