@@ -378,7 +378,11 @@ def _key_value(value) -> str:
 def _keys(df: pd.DataFrame, cols: list[str]) -> pd.Series:
     if not cols:
         return pd.Series("", index=df.index)
-    return df[cols].map(_key_value).agg("\x1f".join, axis=1)
+    parts = df[cols].map(_key_value)
+    out = parts[cols[0]]
+    for c in cols[1:]:  # column by column: a row-wise join builds a Series per row (most of a 10k report)
+        out = out + "\x1f" + parts[c]
+    return out
 
 
 # -------------------------------------------------------------------------------------------- aggregation
