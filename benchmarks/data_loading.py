@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import data  # noqa: E402
+from l2w_speed import OneLineErrors, at_least  # noqa: E402  (the benchmarks' one-line argument errors)
 
 
 def per_sample_us(fn, items, repeat=1) -> float:
@@ -90,26 +91,15 @@ def trial_profile(path: str, method: str, threads: int, steps: int) -> None:
           f"{100 * wait / (wait + compute):.1f} % of the step time (goal < 10 %)")
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, no usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def main() -> None:
     ap = OneLineErrors(description=__doc__.splitlines()[0])
     ap.add_argument("--cifar-images", type=int, default=10000)
     ap.add_argument("--folder-images", type=int, default=256)
     ap.add_argument("--trial", metavar="SWEEP_YAML", help="profile one trial of this sweep instead")
     ap.add_argument("--method", default="uniform", help="with --trial: the strategy (default uniform)")
-    ap.add_argument("--threads", type=positive, default=1, help="with --trial: torch threads (default 1, as the sweeps)")
-    ap.add_argument("--steps", type=positive, default=60, help="with --trial: measured steps (default 60)")
+    ap.add_argument("--threads", type=at_least(1), default=1,
+                    help="with --trial: torch threads (default 1, as the sweeps)")
+    ap.add_argument("--steps", type=at_least(1), default=60, help="with --trial: measured steps (default 60)")
     args = ap.parse_args()
     if args.trial:
         from bench.errors import ConfigError, UsageError
