@@ -1035,9 +1035,9 @@ def _differences_figure(out, pairs, curves, groups, palette, note) -> list[Path]
             ax.set_axis_off()
             continue
         for method, by_method in panel.groupby("method", sort=True):
-            for j, ((_, variant_base), grp) in enumerate(by_method.groupby(["variant", "variant_base"], sort=True)):
-                mean, lo, hi, complete = difference_band(curves.take(grp["trial_id"]), curves.take(grp["trial_id_base"]),
-                                                         grp["last_macs_base"], DIFF_GRID)
+            for j, (_, grp) in enumerate(by_method.groupby(["variant", "variant_base"], sort=True)):
+                mine, theirs = curves.take(grp["trial_id"]), curves.take(grp["trial_id_base"])
+                mean, lo, hi, complete = difference_band(mine, theirs, grp["last_macs_base"], DIFF_GRID)
                 n = len(grp)
                 label = f"{grp['label'].iloc[0]} · n = {n} pairs" + (
                     f": no CI (n < {MIN_SEEDS_FOR_CI})" if n < MIN_SEEDS_FOR_CI else "")

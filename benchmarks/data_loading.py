@@ -14,7 +14,6 @@ share of each training step spent waiting for the loader, measured around the sa
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import data  # noqa: E402
 from l2w_speed import OneLineErrors, at_least  # noqa: E402  (the benchmarks' one-line argument errors)
+
+from bench import data  # noqa: E402
 
 
 def per_sample_us(fn, items, repeat=1) -> float:
