@@ -660,6 +660,18 @@ def main_rows(g: pd.DataFrame) -> list[list[str]]:
             for _, r in g.iterrows()]
 
 
+CI_COLUMNS = ("last_acc", "acc_at_25", "acc_at_50", "acc_at_75", "best_acc", "auc")
+CI_HEADER = ["method", "seeds", "last exit", "acc@25 %", "acc@50 %", "acc@75 %", "best = acc@100 %", "AUC"]
+
+
+def ci_rows(g: pd.DataFrame) -> list[list[str]]:
+    def cell(r, m):
+        lo, hi = r[f"{m}_lo"], r[f"{m}_hi"]
+        return f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "—"
+
+    return [[marked(r), seeds_text(r), *(cell(r, m) for m in CI_COLUMNS)] for _, r in g.iterrows()]
+
+
 def provenance(runs: pd.DataFrame) -> str:
     """The package versions, torch thread count and commits that produced the store's finished trials."""
     done = runs[runs["status"] == "finished"]
@@ -688,8 +700,8 @@ def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.D
            "passes at any cost (so best = acc@100 %), first reached at `best at` % of the last exit's MACs; "
            "AUC: mean budgeted accuracy from exit-1 to last-exit MACs; — : no finished trial, or a budget below "
            f"the first exit's MACs. Intervals of the means: the {CI_KIND} (Student t on logit accuracy, mapped "
-           f"back, so it stays inside [0, 100]) for n ≥ {MIN_SEEDS_FOR_CI} seeds, in the leaderboard and in "
-           f"`table.csv` (`*_lo`, `*_hi`); none for fewer seeds.", "", provenance(runs), ""]
+           f"back, so it stays inside [0, 100]) for n ≥ {MIN_SEEDS_FOR_CI} seeds, below each table, in the "
+           f"leaderboard and in `table.csv` (`*_lo`, `*_hi`); none for fewer seeds.", "", provenance(runs), ""]
     for (dataset, backbone), g in panels(agg):
         done_ids = runs.loc[(runs["dataset"] == dataset) & (runs["backbone"] == backbone)
                             & (runs["status"] == "finished"), "trial_id"]
@@ -699,6 +711,9 @@ def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.D
         out += [f"## {dataset} · {backbone}", "",
                 f"Last exit: {last / scale:.3g} {unit} MACs ({counter})." if np.isfinite(last)
                 else "No finished trial.", "", md_table(MAIN_HEADER, main_rows(g)), ""]
+        if (g["seeds"] >= MIN_SEEDS_FOR_CI).any():
+            out += [f"{CI_KIND} of the means above (n ≥ {MIN_SEEDS_FOR_CI} seeds):", "",
+                    md_table(CI_HEADER, ci_rows(g)), ""]
         macs = exit_macs(exits, done_ids)
         if macs:
             ks = sorted(macs)

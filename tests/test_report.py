@@ -410,6 +410,11 @@ def test_markdown_tex_leaderboard_and_figures(built):
     assert "## synthetic · tiny" in md and "| uniform | 3 | 80.00 ± 1.00 |" in md
     assert "best = acc@100 %" in md and "| 81.00 ± 1.00 | 100.0 ± 0.0 |" in md  # uniform: best at the last exit
     assert "l2w (epsilon=0.5) | 3 (+1 failed)" in md
+    lo, hi = logit_ci([79, 80, 81])  # uniform's last exit over its 3 seeds
+    ci_table = md.split("95 % logit-t CI of the means above (n ≥ 3 seeds):")[1].split("Anytime")[0]
+    row = next(line for line in ci_table.splitlines() if line.startswith("| uniform |"))
+    assert row.startswith(f"| uniform | 3 | [{lo:.2f}, {hi:.2f}] |")
+    assert "| l2w (epsilon=1) | 1 | — | — |" in ci_table  # one seed: no interval
     assert "l2w-e0.5-s3" in md and "TrainingDiverged: loss is nan at epoch 2" in md  # failed trial listed
     assert "distill †" in md
     assert "† exit thresholds calibrated not on a held-out split but on the test split itself" in md
