@@ -42,7 +42,7 @@ def _data(sub):
     q.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args):
-        from bench.data import cli_check
+        from bench.datasets.check import cli_check
 
         return cli_check(args)
 

@@ -267,8 +267,7 @@ def _store_dir(run_dir: Path) -> Path:
 
 
 def cli_latency(args) -> int:
-    from bench import backbones, results
-    from bench import data as data_mod
+    from bench import backbones, datasets, results
     from bench.backbones.checkpoint import load_weights, parse, read_file
     from bench.config import validate_trial
     from bench.evaluate import load_logits
@@ -299,7 +298,7 @@ def cli_latency(args) -> int:
     weights = parse(read_file(ckpt), str(ckpt))
     cfg = validate_trial(record.config)
     device = resolve_device(args.device or cfg.device)
-    bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=torch.device("cpu"))
+    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=torch.device("cpu"))
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
     load_weights(model, weights.model, str(ckpt))
     images, labels = zip(*[(x, torch.as_tensor(y)) for x, y in bundle.test])

@@ -176,7 +176,7 @@ BACKBONES = Registry("backbone")
 DATASETS = Registry("dataset")
 METHODS = Registry("method")
 
-_COMPONENT_MODULES = ("bench.backbones", "bench.data", "methods")
+_COMPONENT_MODULES = ("bench.backbones", "bench.datasets", "methods")
 
 # Out-of-tree components: an installed package declares an entry point in one of these groups (its module
 # registers with the decorators above when imported), or a file/folder is named with `--include PATH`.

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import backbones
-from bench import data as data_mod
+from bench import backbones, datasets
 from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml, validate_trial
 from bench.errors import UsageError, check_output_dir
 from bench.regime import Regime
@@ -236,7 +235,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
-    bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
+    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
 
     from bench.flops import per_exit_cost
@@ -402,7 +401,7 @@ def cli_evaluate(args) -> int:
                          f"backbone it was trained with, e.g. backbone=msdnet-cifar-budget data=cifar100")
     cfg = validate_trial(apply_overrides(weights.config or {}, args.overrides))
     device = resolve_device(cfg.device)
-    bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
+    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
     load_weights(model, weights.model, f"{str(path)!r} ({weights.kind} checkpoint)")
     model.to(device)

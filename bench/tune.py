@@ -555,7 +555,7 @@ def check_data(trials: list[dict[str, Any]]) -> None:
     """Build each distinct data section's splits once, here, as `exitbench train` does before training: a data
     setting that cannot work (val_size larger than the training set, files missing) is one line before Ray
     starts, not a failure in every trial. Only for a local Ray: a cluster's workers may see other files."""
-    from bench.data import make_splits
+    from bench.datasets import make_splits
 
     seen = set()
     for raw in trials:

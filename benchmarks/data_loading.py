@@ -1,9 +1,9 @@
 """Data loading speed: our transforms and loaders against the torchvision pipelines the references use.
 
 Writes fake CIFAR batches and a fake ImageNet folder (JPEG, ~500x375) to a temp dir and prints:
-  - microseconds per training sample (CIFAR augmentation) for bench.data vs torchvision v1 / v2 transforms,
+  - microseconds per training sample (CIFAR augmentation) for bench.datasets vs torchvision v1 / v2 transforms,
   - loader images/s (train and eval transforms) for workers 0 and 2,
-  - ImageNet-folder images/s for bench.data vs torchvision ImageFolder with the same transforms,
+  - ImageNet-folder images/s for bench.datasets vs torchvision ImageFolder with the same transforms,
   - bytes the file list costs per image (numpy byte array vs ImageFolder's list of tuples).
 Run: .venv/bin/python benchmarks/data_loading.py [--cifar-images 10000] [--folder-images 256]
 
@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from l2w_speed import OneLineErrors, at_least  # noqa: E402  (the benchmarks' one-line argument errors)
 
-from bench import data  # noqa: E402
+from bench import datasets  # noqa: E402
+from bench.datasets.splits import _seed_worker  # noqa: E402
 
 
 def per_sample_us(fn, items, repeat=1) -> float:
@@ -41,7 +42,7 @@ def per_sample_us(fn, items, repeat=1) -> float:
 
 def loader_rate(dataset, workers: int, batch_size: int, max_batches: int | None = None) -> float:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0), worker_init_fn=data._seed_worker)
+                        generator=torch.Generator().manual_seed(0), worker_init_fn=_seed_worker)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     t0, seen = time.perf_counter(), 0
@@ -64,7 +65,7 @@ def trial_profile(path: str, method: str, threads: int, steps: int) -> None:
     cfg = validate_trial({**sweep.base.model_dump(mode="json"), "method": {"name": method}, "threads": threads})
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    bundle = data.build(cfg.data, cfg.batch_size, seed=0, device=torch.device("cpu"))
+    bundle = datasets.build(cfg.data, cfg.batch_size, seed=0, device=torch.device("cpu"))
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
     steps_per_epoch = len(bundle.train)
     optimizer = build_optimizer(cfg.optim, model)
@@ -120,7 +121,7 @@ def main() -> None:
             with open(folder / f, "wb") as fh:
                 pickle.dump({"data": rng.integers(0, 256, (per, 3072), dtype=np.uint8),
                              "labels": rng.integers(0, 10, per).tolist()}, fh)
-        s = data.make_splits({"name": "cifar10", "root": str(root), "val_size": 0.1})[2]
+        s = datasets.make_splits({"name": "cifar10", "root": str(root), "val_size": 0.1})[2]
         view = s.train.dataset
         idx = list(range(2000))
         ours = per_sample_us(lambda i: view[i], idx)
@@ -128,7 +129,7 @@ def main() -> None:
         from torchvision import transforms as T
         from torchvision.transforms import v2
 
-        mean, std = data.CIFAR_MEAN_STD["cifar10"]
+        mean, std = datasets.CIFAR_MEAN_STD["cifar10"]
         v1 = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
         hwc = view.images.transpose(0, 2, 3, 1)
         ref_v1 = per_sample_us(lambda i: v1(Image.fromarray(hwc[i])), idx)
@@ -136,7 +137,7 @@ def main() -> None:
                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
         chw = torch.from_numpy(view.images)
         ref_v2 = per_sample_us(lambda i: tv2(chw[i]), idx)
-        print(f"CIFAR train transform per sample: bench.data {ours:.1f} us | torchvision v1 (PIL, MSDNet's) "
+        print(f"CIFAR train transform per sample: bench.datasets {ours:.1f} us | torchvision v1 (PIL, MSDNet's) "
               f"{ref_v1:.1f} us | torchvision v2 (tensor) {ref_v2:.1f} us")
         for workers in (0, 2):
             tr = loader_rate(s.train, workers, 128)
@@ -154,11 +155,11 @@ def main() -> None:
             if i < classes:
                 img.save(root / "in" / "val" / f"c{i}" / f"{i}.JPEG", quality=90)
         t0 = time.perf_counter()
-        s = data.make_splits({"name": "imagenet", "root": str(root / "in"), "val_size": 4})[2]
+        s = datasets.make_splits({"name": "imagenet", "root": str(root / "in"), "val_size": 4})[2]
         scan = time.perf_counter() - t0
         import torchvision
 
-        normalize = T.Normalize(*data.IMAGENET_MEAN_STD)
+        normalize = T.Normalize(*datasets.IMAGENET_MEAN_STD)
         ref_train = torchvision.datasets.ImageFolder(str(root / "in" / "train"), T.Compose(
             [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize]))
         ref_eval = torchvision.datasets.ImageFolder(str(root / "in" / "train"), T.Compose(
@@ -166,8 +167,8 @@ def main() -> None:
         print(f"ImageNet folder: {args.folder_images} JPEGs 500x375, split built in {scan:.2f} s (one scan, two views)")
         for workers in (0, 2):
             rates = [loader_rate(d, workers, 32) for d in (s.train.dataset, ref_train, s.val.dataset, ref_eval)]
-            print(f"ImageNet loader, {workers} workers, bs 32: train bench.data {rates[0]:,.0f} img/s vs ImageFolder "
-                  f"{rates[1]:,.0f} | eval bench.data {rates[2]:,.0f} vs ImageFolder {rates[3]:,.0f}")
+            print(f"ImageNet loader, {workers} workers, bs 32: train bench.datasets {rates[0]:,.0f} img/s vs "
+                  f"ImageFolder {rates[1]:,.0f} | eval bench.datasets {rates[2]:,.0f} vs ImageFolder {rates[3]:,.0f}")
 
     # What the file list costs per image in each worker (ImageNet-like paths).
     n = 100_000

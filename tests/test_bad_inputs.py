@@ -349,7 +349,7 @@ def test_stderr_of_a_real_process_is_one_line(world, tmp_path):
 def test_malicious_cifar_batch_never_runs_and_real_layouts_load(tmp_path):
     """A CIFAR batch whose unpickling would call open(): refused before the call. A batch as the original
     Python 2 pickles write it (numpy.core names, latin-1 strings) loads."""
-    from bench.data import load_cifar_batch
+    from bench.datasets import load_cifar_batch
 
     marker = tmp_path / "MARKER"
     for payload in (marker_pickle(marker), marker_pickle(marker, lambda m: {"data": m}),
@@ -371,8 +371,9 @@ def test_malicious_cifar_batch_never_runs_and_real_layouts_load(tmp_path):
 def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
     import torchvision
 
-    from bench.data import DATASETS, make_splits
+    from bench.datasets import make_splits
     from bench.errors import UsageError
+    from bench.registry import DATASETS
 
     def failing(root, train=True, download=False):
         Path(root, "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)

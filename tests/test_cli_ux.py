@@ -107,18 +107,19 @@ def fresh_registries(monkeypatch):
     """Empty-of-plugins copies of the three registries (the built-ins stay), so nothing registered leaks."""
     import copy
 
-    import bench.backbones
-    import bench.data
+    import bench.backbones  # noqa: F401  (the built-ins register before the copies are made)
+    import bench.datasets.check  # noqa: F401  (first imported inside a test, it would keep that copy)
     import methods  # noqa: F401
 
     fresh = {}
     for name in ("METHODS", "BACKBONES", "DATASETS"):
-        reg = copy.copy(getattr(registry, name))
+        original = getattr(registry, name)
+        reg = copy.copy(original)
         reg._entries, reg._presets = dict(reg._entries), dict(reg._presets)
         fresh[name] = reg
-        monkeypatch.setattr(registry, name, reg)
-        for module in (config, bench.data, bench.backbones):
-            if hasattr(module, name):
+        # Every module that looks the registry up as its own global (e.g. bench.datasets.splits' make_splits).
+        for module_name, module in list(sys.modules.items()):
+            if module_name.partition(".")[0] in ("bench", "methods") and getattr(module, name, None) is original:
                 monkeypatch.setattr(module, name, reg)
     monkeypatch.setattr(registry, "_included", [])
     monkeypatch.setattr(sys, "path", list(sys.path))  # include() adds the plugins' folders

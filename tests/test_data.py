@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import data
+from bench import datasets
+from bench.datasets import cifar, fashion_mnist
 from bench.errors import ConfigError, UsageError
+from bench.registry import DATASETS
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -23,7 +25,7 @@ DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 def write_cifar(root: Path, name: str = "cifar10", per_batch: int = 12, test: int = 10, seed: int = 0):
     """Fake CIFAR python batches in torchvision's layout; returns (train images N x 3 x 32 x 32, labels)."""
     rng = np.random.default_rng(seed)
-    sub, train_files, test_files, label_key = data._CIFAR_FILES[name]
+    sub, train_files, test_files, label_key = cifar._CIFAR_FILES[name]
     folder = root / sub
     folder.mkdir(parents=True)
     classes = 10 if name == "cifar10" else 100
@@ -61,7 +63,7 @@ def write_idx(path: Path, array: np.ndarray):
 
 
 def splits(name, seed=0, **values):
-    return data.make_splits({"name": name, **values}, seed)[2]
+    return datasets.make_splits({"name": name, **values}, seed)[2]
 
 
 def all_augmentations(img: np.ndarray, pad: int, flip: bool = True) -> list[np.ndarray]:
@@ -76,33 +78,33 @@ def all_augmentations(img: np.ndarray, pad: int, flip: bool = True) -> list[np.n
 
 
 def test_heldout_split_sizes_disjoint_seeded_and_hashed():
-    train, val, digest = data.heldout_split(100, 0.2, seed=3)
+    train, val, digest = datasets.heldout_split(100, 0.2, seed=3)
     assert len(train) == 80 and len(val) == 20
     assert set(train).isdisjoint(val) and sorted({*train, *val}) == list(range(100))
-    again = data.heldout_split(100, 0.2, seed=3)
+    again = datasets.heldout_split(100, 0.2, seed=3)
     assert np.array_equal(again[1], val) and again[2] == digest
-    other = data.heldout_split(100, 0.2, seed=4)
+    other = datasets.heldout_split(100, 0.2, seed=4)
     assert not np.array_equal(other[1], val) and other[2] != digest
     assert digest == hashlib.sha1(val.astype(np.int64).tobytes()).hexdigest()
-    assert len(data.heldout_split(100, 7, seed=0)[1]) == 7  # a count
+    assert len(datasets.heldout_split(100, 7, seed=0)[1]) == 7  # a count
 
 
 @pytest.mark.parametrize("val_size, message", [(100, "only 100"), (250, "only 100"), (0.001, "0 val samples"),
                                                (2.5, "neither a count"), (0, "neither a count")])
 def test_heldout_split_rejects_bad_sizes(val_size, message):
     with pytest.raises(ConfigError, match=message):
-        data.heldout_split(100, val_size, seed=0)
+        datasets.heldout_split(100, val_size, seed=0)
 
 
 def test_params_validate_val_size_and_honest_calibration():
-    assert data.DataParams(val_size=5000.0).val_size == 5000 and data.CifarParams().val_size == 5000
-    assert data.ImageNetParams().val_size == 50000
+    assert datasets.DataParams(val_size=5000.0).val_size == 5000 and datasets.CifarParams().val_size == 5000
+    assert datasets.ImageNetParams().val_size == 50000
     with pytest.raises(UsageError, match="neither a count"):
-        data.DATASETS.params("cifar10", {"val_size": 1.5}, where="data")
+        DATASETS.params("cifar10", {"val_size": 1.5}, where="data")
     with pytest.raises(UsageError, match="train_on_val"):
-        data.DATASETS.params("digits", {"train_on_val": True}, where="data")
+        DATASETS.params("digits", {"train_on_val": True}, where="data")
     with pytest.raises(UsageError, match="resize_size"):
-        data.DATASETS.params("imagenet", {"image_size": 300}, where="data")
+        DATASETS.params("imagenet", {"image_size": 300}, where="data")
 
 
 def test_digits_splits_are_seeded_disjoint_and_recorded():
@@ -131,16 +133,16 @@ def test_digits_augment_shifts_train_only():
 
 
 def test_build_loaders_calibration_flag_and_train_on_val():
-    bundle = data.build({"name": "digits", "val_size": 100}, batch_size=64, seed=0)
+    bundle = datasets.build({"name": "digits", "val_size": 100}, batch_size=64, seed=0)
     assert bundle.info["calibration"] == "heldout" and bundle.info["calibration_flagged"] is False
     assert bundle.calib is bundle.val and bundle.train.drop_last and not bundle.val.drop_last
     x, y = next(iter(bundle.train))
     assert x.shape == (64, 1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sum(len(b[1]) for b in bundle.val) == 100 and bundle.train.generator is not None
     for calibration in ("train", "test"):
-        b = data.build({"name": "digits", "calibration": calibration}, batch_size=64)
+        b = datasets.build({"name": "digits", "calibration": calibration}, batch_size=64)
         assert b.info["calibration_flagged"] is True and b.calib is getattr(b, calibration)
-    full = data.build({"name": "digits", "calibration": "train", "train_on_val": True, "val_size": 100}, 64)
+    full = datasets.build({"name": "digits", "calibration": "train", "train_on_val": True, "val_size": 100}, 64)
     assert full.info["train_size"] == 1348 and full.info["val_in_train"] is True
 
 
@@ -159,8 +161,8 @@ def test_cifar_layout_sizes_and_eval_transforms_on_val(tmp_path, name):
     s = splits(name, root=str(tmp_path), val_size=10)
     assert (len(s.train), len(s.val), len(s.test)) == (50, 10, 10) if name == "cifar10" else (290, 10, 10)
     assert s.num_classes == (10 if name == "cifar10" else 100) and (s.in_channels, s.image_size) == (3, 32)
-    assert s.info["files"] == str(tmp_path / data._CIFAR_FILES[name][0])
-    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in data.CIFAR_MEAN_STD[name])
+    assert s.info["files"] == str(tmp_path / cifar._CIFAR_FILES[name][0])
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in datasets.CIFAR_MEAN_STD[name])
     # val: the training images under evaluation transforms (normalise only), the same on every read.
     for k in range(3):
         j = s.val.indices[k]
@@ -195,7 +197,7 @@ def test_cifar_missing_or_broken_files_say_where_and_how(tmp_path):
 def test_loader_workers_are_seeded(tmp_path):
     write_cifar(tmp_path)
     section = {"name": "cifar10", "root": str(tmp_path), "val_size": 10, "workers": 2}
-    first = [next(iter(data.build(section, batch_size=8, seed=s).train))[0] for s in (0, 0, 1)]
+    first = [next(iter(datasets.build(section, batch_size=8, seed=s).train))[0] for s in (0, 0, 1)]
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
 
 
@@ -220,7 +222,7 @@ def test_fashion_mnist_reads_idx_files_gz_or_not(tmp_path, suffix):
 
 
 def test_fashion_mnist_missing_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIRS", [tmp_path / "nowhere"])
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_FASHION_MNIST_DIRS", [tmp_path / "nowhere"])
     with pytest.raises(UsageError, match=r"`make data` \(as root: apt-get install -y dataset-fashion-mnist\)"):
         splits("fashion-mnist", root=str(tmp_path))
 
@@ -246,7 +248,7 @@ def test_imagenet_folders_splits_and_eval_transforms(tmp_path):
     s = splits("imagenet", root=str(tmp_path), val_size=3, image_size=16, resize_size=20)
     assert (len(s.train), len(s.val), len(s.test), s.num_classes, s.image_size) == (8, 3, 5, 3, 16)
     assert set(s.train.indices).isdisjoint(s.val.indices) and s.info["files"] == str(tmp_path)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.IMAGENET_MEAN_STD)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in datasets.IMAGENET_MEAN_STD)
     for k in range(len(s.val)):  # val: Resize(20) + CenterCrop(16) of the training file, deterministic
         view, j = s.val.dataset, s.val.indices[k]
         img = Image.open(view.path(j)).convert("RGB")

@@ -13,8 +13,7 @@ import math
 import pytest
 import torch
 
-from bench import backbones
-from bench import data as data_mod
+from bench import backbones, datasets
 from bench.config import load_trial
 from bench.registry import METHODS
 from bench.train import build_optimizer, seed_everything
@@ -28,7 +27,7 @@ def first_epoch(*overrides: str) -> tuple[int | None, list[float], list[torch.Te
     (or None), the exit-1 loss of each finite step and, for l2w, every weight matrix the WPN gave."""
     cfg = load_trial(None, [*SETTING, *overrides])
     seed_everything(cfg.seed, False)
-    bundle = data_mod.build(cfg.data, cfg.batch_size, seed=cfg.seed)
+    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed)
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
     optimizer = build_optimizer(cfg.optim, model)
     method = dict(cfg.method)

@@ -47,7 +47,7 @@ def test_readme_extension_examples_run(monkeypatch):
     out = strategy.step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), 0)
     assert out.count == 4 and out.exit_losses.shape == (2,)
 
-    prelude = "from bench.data import DataParams, Splits, heldout_split\n" \
+    prelude = "from bench.datasets import DataParams, Splits, heldout_split\n" \
               "from pydantic import Field\nimport torch\nfrom torch.utils.data import Subset, TensorDataset\n" \
               "from bench.registry import DATASETS\n"
     exec(compile(prelude + dataset_src, "README-dataset", "exec"), {"__name__": "readme"})
