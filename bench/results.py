@@ -309,18 +309,31 @@ def _read_trial_file(path: Path) -> tuple[pa.Table, list] | None:
     return table, [st.st_size, st.st_mtime_ns, st.st_ino, _digest(data)]
 
 
-def _read_trial_files(table_dir: Path, stems: list[str]) -> dict[str, tuple[pa.Table, list]]:
-    """stem -> (table, manifest entry) of those per-trial files still there, in `stems`' order. Threads overlap
-    the file opening and parquet decoding of many small files (both release the GIL)."""
-    paths = [table_dir / f"{stem}.parquet" for stem in stems]
-    if len(paths) < 64:
-        read = map(_read_trial_file, paths)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+READ_CHUNK = 2000  # per-trial files concatenated into one contiguous table at a time while reading
 
-        with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
-            read = list(pool.map(_read_trial_file, paths, chunksize=64))
-    return {stem: got for stem, got in zip(stems, read) if got is not None}
+
+def _read_trial_files(table_dir: Path, stems: list[str]) -> tuple[pa.Table, dict[str, list]]:
+    """The per-trial files still there, concatenated in `stems`' order, and stem -> manifest entry. Threads
+    overlap the file opening and parquet decoding of many small files (both release the GIL); every
+    READ_CHUNK files are merged into contiguous arrays, so memory holds the rows, not thousands of small
+    tables' buffers (what made compacting 10,000 trials take 1.2 GB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries: dict[str, list] = {}
+    parts: list[pa.Table] = []
+    with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+        for start in range(0, len(stems), READ_CHUNK):
+            chunk = stems[start:start + READ_CHUNK]
+            paths = [table_dir / f"{stem}.parquet" for stem in chunk]
+            read = map(_read_trial_file, paths) if len(paths) < 64 else pool.map(_read_trial_file, paths,
+                                                                                chunksize=64)
+            tables = []
+            for stem, got in zip(chunk, read):
+                if got is not None:
+                    tables.append(got[0])
+                    entries[stem] = got[1]
+            parts.append(_concat(tables).combine_chunks())
+    return _concat(parts), entries
 
 
 def _in_file_order(table: pa.Table) -> pa.Table:
@@ -445,11 +458,11 @@ def _compact_table(sweep_dir: Path, table: str, rebuild: bool = False,
         stale = set(plan.stale)
         files = {s: e for s, e in compacted.files.items() if s not in stale}
         files.update({s: [*stat, files[s][3]] for s, stat in plan.moved.items()})  # so they are "same" next time
-    fresh = _read_trial_files(sweep_dir / "store" / table, plan.fresh)
-    files.update({stem: entry for stem, (_, entry) in fresh.items()})
-    whole = _merge(kept, _concat([part for part, _ in fresh.values()]))
+    fresh, entries = _read_trial_files(sweep_dir / "store" / table, plan.fresh)
+    files.update(entries)
+    whole = _merge(kept, fresh)
     _write_compacted(whole, files, dir_mtime_ns, _compacted_path(sweep_dir, table))
-    return Compaction(table, len(files), len(fresh), len(plan.stale), why, written=True), whole
+    return Compaction(table, len(files), len(entries), len(plan.stale), why, written=True), whole
 
 
 def _store_dir(sweep_dir: Path) -> Path:
@@ -503,7 +516,7 @@ def _read_table(sweep_dir: Path, table: str, columns: list[str] | None, where: p
             return _select(table, whole, columns, where)
         compacted = _Compacted.open(sweep_dir, table)
         plan = _Plan.make(sweep_dir, table, compacted)
-    fresh = _concat([part for part, _ in _read_trial_files(store / table, plan.fresh).values()])
+    fresh, _ = _read_trial_files(store / table, plan.fresh)
     if compacted is None:
         return _merge(pa.table({}), _select(table, fresh, columns, where))
     schema = pa.unify_schemas([compacted.schema, fresh.schema], promote_options="permissive")

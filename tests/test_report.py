@@ -471,14 +471,26 @@ def test_leaderboard_merges_sweeps(sweep, tmp_path, run_cli):
     assert "p t (Holm)" in board and ", n = 3 |" in l2w_row  # paired with uniform at the same epochs
 
 
-def test_committed_default_results_rebuild_from_their_store(tmp_path):
-    """results/default holds the default sweep's store: the committed tables are exactly what it gives."""
-    committed = ROOT / "results" / "default"
-    shutil.copytree(committed / "store", tmp_path / "default" / "store")  # the report never writes next to it
-    report.build_report(tmp_path / "default", tmp_path / "out", baseline="uniform", plots=False)
+@pytest.mark.parametrize("sweep_name", ["default", "fashion-mnist"])
+def test_committed_results_rebuild_from_their_store(tmp_path, sweep_name):
+    """results/<sweep> holds the sweep's store: the committed tables are exactly what it gives."""
+    committed = ROOT / "results" / sweep_name
+    shutil.copytree(committed / "store", tmp_path / sweep_name / "store")  # the report never writes next to it
+    report.build_report(tmp_path / sweep_name, tmp_path / "out", baseline="uniform", plots=False)
     for name in ("table.md", "table.csv", "table.tex", "comparison.csv", "failed.csv", "leaderboard.md"):
         assert (tmp_path / "out" / name).read_text() == (committed / name).read_text(), name
     assert "torch threads per trial:" in (committed / "table.md").read_text()
+
+
+def test_committed_leaderboard_rebuilds_with_its_published_rows(tmp_path):
+    """results/leaderboard.md is `make leaderboard-report`: both committed sweeps and the published rows."""
+    for name in ("fashion-mnist", "default"):
+        shutil.copytree(ROOT / "results" / name / "store", tmp_path / name / "store")
+    report.build_leaderboard([str(tmp_path / "fashion-mnist"), str(tmp_path / "default")], tmp_path / "out",
+                             published=[str(ROOT / "results" / "published")])
+    committed = (ROOT / "results" / "leaderboard.md").read_text()
+    assert (tmp_path / "out" / "leaderboard.md").read_text() == committed
+    assert "## Published results (not run here)" in committed and "LeapLabTHU/L2W-DEN README" in committed
 
 
 def test_copy_store_makes_the_report_rebuildable(sweep, tmp_path):

@@ -84,6 +84,17 @@ def test_compaction_round_trip_keeps_every_row_and_dtype(tmp_path):
     assert oct(os.stat(tmp_path / "store" / "compacted" / "epochs.parquet").st_mode & 0o777) == "0o644"
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_reading_in_chunks_is_the_same_as_reading_every_file(tmp_path, monkeypatch, chunk):
+    # Chunks of other methods' trials (other columns), a failed trial (no exits) alone in a chunk, int / float.
+    monkeypatch.setattr(results, "READ_CHUNK", chunk)
+    sweep(tmp_path)
+    want = per_trial_read(tmp_path)
+    same(results.load(tmp_path, compact=False), want)
+    results.compact(tmp_path)
+    same(results.load(tmp_path), want)
+
+
 def test_trial_written_after_compaction_is_read(tmp_path):
     sweep(tmp_path)
     results.compact(tmp_path)
