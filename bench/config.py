@@ -74,6 +74,18 @@ class RegimeConfig(Section):
         return 0 if self.name == "joint" else min(epochs - 1, max(1, round(self.phase1 * epochs)))
 
 
+class WorkersConfig(Section):
+    """One trial on several workers: Ray Train's TorchTrainer runs `count` DDP processes (bench/distributed.py),
+    each with `cpu` CPUs and `gpu` GPUs (nccl on GPUs, gloo on CPUs). `batch_size` stays the global batch: each
+    worker trains on batch_size / count per step. count 1 is one process (no Ray Train, no DDP). sync_bn: BatchNorm
+    statistics over the global batch (torch SyncBatchNorm) instead of each worker's own, as DDP has by default."""
+
+    count: int = Field(1, ge=1, description="DDP workers of this trial (1: one process)")
+    cpu: float = Field(1.0, gt=0, description="CPUs per worker")
+    gpu: float = Field(0.0, ge=0, description="GPUs per worker (0: gloo on CPUs)")
+    sync_bn: bool = Field(False, description="SyncBatchNorm across the workers (count > 1)")
+
+
 def _component(registry: Registry, section: str, value: Any) -> dict[str, Any]:
     """Validate a `{name, **params}` section against the registry; return it fully defaulted."""
     load_all()
@@ -114,6 +126,7 @@ class TrialConfig(Section):
     progress: bool = True
     out_dir: str = "runs/train"
     init: InitConfig | None = None  # weights to start from (fine-tuning); null: fresh initialisation
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -140,6 +153,27 @@ class TrialConfig(Section):
         if self.regime.name != "joint" and self.epochs < 2:
             raise ConfigError(f"regime.name: {self.regime.name} has two phases and needs epochs >= 2, "
                               f"got epochs={self.epochs}")
+        return self
+
+    @model_validator(mode="after")
+    def _workers(self) -> TrialConfig:
+        n = self.workers.count
+        if n > 1:
+            if self.batch_size % n:
+                raise ConfigError(f"batch_size={self.batch_size} is the global batch and must split evenly over "
+                                  f"workers.count={n} (each worker gets batch_size / count); use e.g. "
+                                  f"batch_size={max(n, self.batch_size // n * n)}")
+            load_all()
+            method = self.method["name"]
+            supported = [name for name in METHODS.all_names()
+                         if getattr(METHODS.get(name).factory, "distributed", False)]
+            if method not in supported:
+                raise ConfigError(f"method {method!r} does not run on several workers (its math under DDP would "
+                                  f"differ from one process); with workers.count > 1 use one of "
+                                  f"{', '.join(supported)}, or workers.count=1")
+            if self.workers.sync_bn and not getattr(METHODS.get(method).factory, "sync_bn", True):
+                raise ConfigError(f"workers.sync_bn: method {method!r} differentiates twice through BatchNorm, "
+                                  f"which SyncBatchNorm cannot; set workers.sync_bn=false")
         return self
 
     @field_validator("device")

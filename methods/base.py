@@ -36,6 +36,13 @@ class Strategy:
     """Subclasses implement `step`. `total_steps` is the number of `step` calls in the whole run,
     `steps_per_epoch` the number in one epoch (`step`'s `iteration` is global: epoch * steps_per_epoch + i)."""
 
+    # Several workers (workers.count > 1, bench/distributed.py): True when DDP's average of the workers'
+    # gradients on equal shares of the batch is this strategy's one-process update (an objective that is a
+    # mean over samples; no state, network or statistic of its own that a rank would compute from its share).
+    # workers.count > 1 is refused for the others.
+    distributed = False
+    sync_bn = True  # whether workers.sync_bn (SyncBatchNorm) may be used with it
+
     def __init__(self, params: BaseModel, model: MultiExitNet, optimizer: torch.optim.Optimizer, *,
                  total_steps: int, steps_per_epoch: int | None = None, device: torch.device | str = "cpu",
                  amp: bool = False, readout: Readout | None = None):
@@ -61,6 +68,16 @@ class Strategy:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, iteration: int) -> StepOutput:
         raise NotImplementedError
+
+    def distribute(self, model: torch.nn.Module, group) -> None:
+        """Several workers: train through `model`, the DDP-wrapped network (still the multi-exit contract);
+        `group` (bench.distributed.Workers) has the collectives a strategy with networks of its own needs."""
+        self.model = model
+
+    def leaves_parameters_unused(self) -> bool:
+        """Whether a step may give some trainable parameter no gradient (under DDP a graph walk per step
+        then finds them, or DDP would wait for their gradients)."""
+        return False
 
     def end_epoch(self, epoch: int, loader) -> None:
         """Called once after every epoch's steps (epoch 0-based, `loader` the training batches), before

@@ -63,6 +63,8 @@ def distill_loss(logits: list[torch.Tensor], losses: torch.Tensor, p: DistillPar
 class Distill(Strategy):
     """Cross-entropy at every exit plus distillation from the (detached) last exit into the earlier ones."""
 
+    distributed = True  # a mean over samples: DDP's gradient average is the one-process gradient
+
     def step(self, x, y, iteration):
         with self.autocast():
             logits = self.model(x)

@@ -74,6 +74,8 @@ class GEParams(Params):
 class GradientEquilibrium(Strategy):
     """Uniform loss with gradients rescaled at stage boundaries (IMTA's gradient equilibrium)."""
 
+    distributed = True  # a mean over samples: DDP's gradient average is the one-process gradient
+
     def boundary(self, k: int, state):
         """k is 0-based: head gets 1/(K-k), later stages (K-k-1)/(K-k)."""
         return equilibrium(k, state, self.model.num_exits, self.params.scope)

@@ -37,6 +37,8 @@ class SDNParams(Params):
 class ShallowDeep(Strategy):
     """Internal exits weighted by tau_k(e) = min(C_k, 0.01 + e C_k / E), the last exit by 1 (SDN)."""
 
+    distributed = True  # a mean over samples: DDP's gradient average is the one-process gradient
+
     def __init__(self, params: SDNParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
         n = model.num_exits - 1

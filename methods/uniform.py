@@ -53,6 +53,8 @@ class UniformParams(Params):
 class Uniform(Strategy):
     """Fixed-weight sum of per-exit cross-entropies (MSDNet; linear and last-only schedules)."""
 
+    distributed = True  # a mean over samples: DDP's gradient average is the one-process gradient
+
     def __init__(self, params: UniformParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
         k = model.num_exits
@@ -62,6 +64,9 @@ class Uniform(Strategy):
         if len(weights) != k:
             raise ConfigError(f"method.exit_weights: {k} exits need {k} weights, got {len(weights)}")
         self.weights = weights
+
+    def leaves_parameters_unused(self) -> bool:
+        return 0 in self.weights  # a head of weight 0 is left out of the objective
 
     def step(self, x, y, iteration):
         with self.autocast():
