@@ -98,6 +98,11 @@ class Phased:
         else:
             self.strategy.end_epoch(epoch - phase1_epochs, loader)
 
+    def distribute(self, model, group) -> None:
+        """Both phases train through the one DDP wrapper (two would reduce every gradient twice)."""
+        self.phase1.distribute(model, group)
+        self.strategy.distribute(model, group)
+
     def state_dict(self) -> dict[str, Any]:
         return {"phase1": self.phase1.state_dict(), "phase2": self.strategy.state_dict()}
 

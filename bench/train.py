@@ -222,20 +222,50 @@ def exit_accuracy(model: torch.nn.Module, loader, device: torch.device, readout=
 EpochCallback = Callable[[dict[str, Any], Path], None]
 
 
+class OneProcess:
+    """The trial's place in a worker group, as `run` uses it: here a group of one, where every hook is the
+    identity. bench.distributed.Workers is the same seam for one rank of several DDP workers."""
+
+    def shard(self, bundle):
+        """The data this process trains on (all of it)."""
+        return bundle
+
+    def wrap(self, strategy, model) -> None:
+        """Train through a wrapper of `model` (DDP); one process trains through the model itself."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Before each epoch's batches (a sampler's epoch; per-rank random streams)."""
+
+    def sum(self, *values):
+        """Per-process sums of the epoch (losses, correct counts, samples) summed over the group."""
+        return values
+
+    def first(self, fn, *args, **kwargs):
+        """`fn` evaluated once (on the first process) and its value given to every process."""
+        return fn(*args, **kwargs)
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        """The checkpoint, written once."""
+        save_checkpoint(path, state)
+
+
 def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochCallback | None = None,
-        resume: bool = True, trial_id: str | None = None, sweep: str | None = None) -> ResultRecord:
+        resume: bool = True, trial_id: str | None = None, sweep: str | None = None,
+        group: OneProcess | None = None) -> ResultRecord:
     """Train and evaluate one trial; returns (and writes) its ResultRecord.
 
     With `resume`, an existing checkpoint in `run_dir` is continued exactly. `on_epoch(metrics,
-    run_dir)` is called after each epoch's checkpoint is on disk (Ray Tune reports from there).
+    run_dir)` is called after each epoch's checkpoint is on disk (Ray Tune reports from there). `group`: this
+    process's rank of a DDP worker group (bench.distributed runs `run` on every rank); default, one process.
     """
+    group = group or OneProcess()
     started = time.time()
     run_dir = Path(run_dir or cfg.out_dir)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
-    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
+    bundle = group.shard(datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device))
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
 
     from bench.flops import per_exit_cost
@@ -282,6 +312,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         _set_rng_state(state["rng"], loader_generator)
         start_epoch, history = state["epoch"], list(state["history"])
         train_time, train_images = state["train_time"], state["train_images"]
+    group.wrap(strategy, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
@@ -289,6 +320,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     K = model.num_exits
     for epoch in range(start_epoch, cfg.epochs):
         regime.begin_epoch(epoch, model, optimizer)
+        group.begin_epoch(epoch)
         epoch_lr = optimizer.param_groups[0]["lr"]
         t0 = time.time()
         loss_sum, exit_loss_sum, exit_correct, seen = 0.0, torch.zeros(K), torch.zeros(K), 0
@@ -309,10 +341,11 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
             exit_correct += out.exit_correct
             seen += out.count
         strategy.end_epoch(epoch, bundle.train)
+        loss_sum, exit_loss_sum, exit_correct, seen = group.sum(loss_sum, exit_loss_sum, exit_correct, seen)
         epoch_time = time.time() - t0
         train_time += epoch_time
         train_images += seen
-        val_acc = exit_accuracy(model, bundle.val, device, readout)
+        val_acc = group.first(exit_accuracy, model, bundle.val, device, readout)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": regime.phase(epoch),
@@ -327,7 +360,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         }
         history.append(row)
         metrics_lines.append(json.dumps(row))
-        save_checkpoint(ckpt_path, {
+        group.save(ckpt_path, {
             "epoch": epoch + 1, "model": model.state_dict(), "readout": readout.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "strategy": strategy.state_dict(),
@@ -340,9 +373,8 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
 
     from bench import evaluate
 
-    report = evaluate.evaluate_model(model, readout, bundle.calib, bundle.test, device, macs,
-                                     readout_macs=readout_cost, confidence=cfg.eval.confidence,
-                                     logits_path=run_dir / "logits.pt")
+    report = group.first(evaluate.evaluate_model, model, readout, bundle.calib, bundle.test, device, macs,
+                         readout_macs=readout_cost, confidence=cfg.eval.confidence, logits_path=run_dir / "logits.pt")
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),

@@ -287,9 +287,20 @@ class _SGDGroup:
         return self.lr * ((1 + self.momentum * c) if self.nesterov else c)
 
 
+def _own(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return grads
+
+
 @METHODS.register("l2w", L2WParams)
 class L2W(Strategy):
     """Meta-learned per-sample, per-exit loss weights (L2W-DEN) with a functional pseudo update."""
+
+    # Several workers as L2W-DEN's main_imagenet_DDP.py: the real steps through DDP; the pseudo step is this
+    # rank's own (its gradients on its half batch, never through DDP); the WPN's meta-gradient is averaged over
+    # the ranks; weights normalised and exits allocated per rank. The meta step differentiates twice through
+    # BatchNorm, which SyncBatchNorm does not support.
+    distributed = True
+    sync_bn = False
 
     def __init__(self, params: L2WParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
@@ -309,6 +320,8 @@ class L2W(Strategy):
         self.wpn_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.wpn_optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
         self.probs = target_probs(K, params.target_p)
+        self.net = model  # evaluated functionally at pseudo parameters: never the DDP wrapper (see distribute)
+        self.reduce_meta_grad = _own  # one process: this process's WPN gradient is the gradient
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._norms = batch_norms(model)
         self._fast_jvp = FastJvp(model)
@@ -370,8 +383,8 @@ class L2W(Strategy):
 
     def _call_at(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
         """The model's exits at parameters `theta`, train mode, running statistics untouched."""
-        with running_stats_frozen(self.model, self._norms):
-            return functional_call(self.model, theta, (x,), tie_weights=self._tied)
+        with running_stats_frozen(self.net, self._norms):
+            return functional_call(self.net, theta, (x,), tie_weights=self._tied)
 
     def _train_losses_at(self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_exit_ce(self._call_at(theta, x), y)
@@ -461,11 +474,21 @@ class L2W(Strategy):
 
     def meta_update(self, features, losses, x_tr, y_tr, x_me, y_me) -> float:
         grads, meta = self.wpn_gradient(features, losses, x_tr, y_tr, x_me, y_me)
+        grads = self.reduce_meta_grad(grads)
         for p, g in zip(self.wpn.parameters(), grads):
             p.grad = g
         self.wpn_optimizer.step()
         self.wpn_optimizer.zero_grad(set_to_none=True)
         return meta
+
+    def distribute(self, model, group):
+        """L2W-DEN's DDP: the backbone's real steps through `model` (DDP), the pseudo step on `self.net`
+        with this rank's gradients only, the WPN identical on every rank and its meta-gradient the ranks' mean
+        (what DDP's reducer does to a wrapped WPN; the WPN's gradient comes from autograd.grad, which DDP
+        would not reduce)."""
+        super().distribute(model, group)
+        group.broadcast(self.wpn)
+        self.reduce_meta_grad = group.average
 
     # -- one step ----------------------------------------------------------------------------------------
     def _half(self, x_tr, y_tr, x_me, y_me, meta_step: bool) -> StepOutput:

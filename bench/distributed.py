@@ -1,0 +1,423 @@
+"""One trial on several workers: DDP under Ray Train's TorchTrainer (V2), inside a Ray Tune trial or from
+`exitbench train` (`workers: {count: N, cpu: C, gpu: G}`; count 1 never comes here).
+
+Every rank runs the whole trial, `bench.train.run`, with a `Workers` as its group (the seam `run` offers;
+its default `train.OneProcess` is the identity):
+
+- data: the training loader rebuilt around a `DistributedSampler` (each rank 1/N of every epoch, reshuffled
+  with `set_epoch`), batch_size / N per rank, so one step of N ranks sees the global batch; the held-out,
+  calibration and test loaders are the full ones, and every evaluation runs on rank 0 over them (its numbers
+  are the single-process numbers) and is broadcast;
+- model: `DistributedDataParallel` (still the multi-exit contract: `ExitDDP`), handed to the strategy by
+  `Strategy.distribute` (L2W keeps its pseudo step per rank and averages its WPN's meta-gradient);
+- metrics: the epoch's sums (losses x samples, correct counts, samples) all-reduced, never rank 0's alone;
+- checkpoints: written by rank 0, read by every rank on resume; each rank's random streams are re-seeded from
+  (seed, epoch, rank) at every epoch, so a resumed epoch draws what the uninterrupted one drew.
+
+Ray: `fit_trial` (a sweep's Tune trial is the Train driver; each epoch's checkpoint goes to the trial folder
+as `checkpoint_NNNNNN/`, so `--resume` works as for one-process trials) and `train` (`exitbench train`, a
+local Ray). Workers get their own placement group (Train V2); `trial_resources` and `max_concurrent` size
+the Tune side so groups cannot starve each other (ray-project/ray#54305).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bench.config import TrialConfig
+from bench.errors import UsageError
+
+DRIVER_CPU = 0.1  # a distributed trial's Tune slot: it only starts the worker group and waits for it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One rank
+
+
+class ExitDDP(DistributedDataParallel):
+    """DDP that still offers the multi-exit contract: what the wrapper lacks (num_exits, head_module, ...)
+    comes from the wrapped network."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+class _Sharded:
+    """A data bundle whose training loader is this rank's share; everything else is the bundle's own."""
+
+    def __init__(self, bundle, train: DataLoader):
+        self._bundle, self.train = bundle, train
+
+    def __getattr__(self, name: str):
+        return getattr(self._bundle, name)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}-{epoch}-{rank}".encode()).digest()[:8], "little") % 2**63
+
+
+class Workers:
+    """This process's rank of the trial's DDP group (torch.distributed initialised), as bench.train.run uses it
+    (see train.OneProcess for the hooks)."""
+
+    def __init__(self, cfg: TrialConfig, device: torch.device):
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.seed, self.sync_bn, self.regime = cfg.seed, cfg.workers.sync_bn, cfg.regime.name
+        self.batch_size = cfg.batch_size // self.size
+        self.device = torch.device(device)
+        # nccl moves only CUDA tensors; gloo CPU ones
+        self.comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.sampler: DistributedSampler | None = None
+        self.generator = torch.Generator()
+
+    def shard(self, bundle):
+        full = bundle.train
+        self.sampler = DistributedSampler(full.dataset, num_replicas=self.size, rank=self.rank, shuffle=True,
+                                          seed=self.seed)
+        train = DataLoader(full.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                           drop_last=len(self.sampler) > self.batch_size, generator=self.generator,
+                           num_workers=full.num_workers, pin_memory=full.pin_memory,
+                           persistent_workers=full.persistent_workers, worker_init_fn=full.worker_init_fn,
+                           collate_fn=full.collate_fn)
+        return _Sharded(bundle, train)
+
+    def wrap(self, strategy, model: torch.nn.Module) -> None:
+        if self.sync_bn:  # in place: the optimiser's parameters and the buffers are the same tensors
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [self.device] if self.device.type == "cuda" else None
+        # Parameters without a gradient in some step (a regime's frozen parts and phase 1's unused heads, exits
+        # of weight 0): DDP must be told to look for them, which costs a graph walk per step otherwise saved.
+        unused = self.regime != "joint" or strategy.leaves_parameters_unused()
+        strategy.distribute(ExitDDP(model, device_ids=ids, find_unused_parameters=unused), self)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
+
+    def sum(self, *values):
+        flat = torch.cat([torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in values]).to(self.comm)
+        dist.all_reduce(flat)
+        flat, out, start = flat.cpu(), [], 0
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                out.append(flat[start:start + v.numel()].to(v.dtype).reshape(v.shape))
+                start += v.numel()
+            else:
+                out.append(type(v)(flat[start].item()))
+                start += 1
+        return tuple(out)
+
+    def first(self, fn, *args, **kwargs):
+        box = [fn(*args, **kwargs) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=self.comm)
+        return box[0]
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        if self.rank == 0:
+            from bench.train import save_checkpoint
+
+            save_checkpoint(path, state)
+
+    # collectives for strategies with networks of their own (Strategy.distribute)
+    def average(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ranks' mean of each tensor (one all-reduce)."""
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self.comm)
+        dist.all_reduce(flat)
+        flat = flat.to(tensors[0].device) / self.size
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()
+        return out
+
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank."""
+        for t in module.state_dict().values():
+            buffer = t.detach().to(self.comm)
+            dist.broadcast(buffer, src=0)
+            t.detach().copy_(buffer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def _scaling(cfg: TrialConfig):
+    from ray.train import ScalingConfig
+
+    w = cfg.workers
+    return ScalingConfig(num_workers=w.count, use_gpu=w.gpu > 0,
+                         resources_per_worker={"CPU": w.cpu, **({"GPU": w.gpu} if w.gpu > 0 else {})})
+
+
+def _copy(source: str, dest: Path) -> None:
+    """A file given as a local path or a URI, copied to a local path."""
+    from bench.tune import _fs
+
+    fs, path = _fs(source)
+    with fs.open_input_stream(path) as src:
+        dest.write_bytes(src.readall())
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Ray Train's function on every rank: the trial with this rank's Workers group."""
+    import ray.train
+    import ray.train.torch
+
+    from bench import registry, train
+    from bench.config import validate_trial
+
+    registry.include(list(config["includes"]))
+    rank = ray.train.get_context().get_world_rank()
+    cfg = validate_trial(config["trial"])
+    # one thread per CPU of the worker (recorded), no progress bars inside Ray workers
+    cfg = cfg.model_copy(update={"progress": False, "threads": cfg.threads or max(1, int(cfg.workers.cpu))})
+    if cfg.workers.gpu > 0 and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())
+    own = Path(tempfile.mkdtemp(prefix=f"exitbench-rank{rank}-"))  # each rank's own run folder ...
+    run_dir = Path(config["run_dir"]) if rank == 0 and config["run_dir"] else own  # ... rank 0's may be given
+    try:
+        resume_from = config.get("resume_from")
+        if resume_from and not (run_dir / train.CHECKPOINT).is_file():
+            _copy(resume_from, run_dir / train.CHECKPOINT)
+        sweep = config.get("sweep")
+        on_epoch = _EpochCheckpoints(config["trial_dir"], config["keep"], cfg.epochs, rank) if sweep else None
+        group = Workers(cfg, train.resolve_device(cfg.device))
+        record = train.run(cfg, run_dir, on_epoch=on_epoch, resume=bool(resume_from), trial_id=config.get("trial_id"),
+                           sweep=sweep, group=group)
+        final = {**record.epochs[-1], "test_top1_last": record.exits[-1]["top1"]}
+        if rank == 0:  # the run's outputs, for the driver to store: a Train checkpoint in the trial's storage
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(run_dir)))
+        else:
+            ray.train.report(final)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+class _EpochCheckpoints:
+    """A sweep rank's on_epoch: rank 0 copies the engine's checkpoint into the trial folder as
+    `checkpoint_NNNNNN/` (what bench.tune.restore_checkpoint continues from), keeping the newest `keep`; then
+    every rank reports the epoch's metrics (Ray Train's report is a barrier) and TuneReportCallback hands
+    rank 0's to Tune (ASHA's rungs). The last epoch is reported after the evaluation, with the outputs."""
+
+    def __init__(self, trial_dir: str, keep: int | None, epochs: int, rank: int):
+        self.trial_dir, self.keep, self.epochs, self.rank = trial_dir, keep, epochs, rank
+
+    def __call__(self, row: dict[str, Any], run_dir: Path) -> None:
+        import ray.train
+
+        if row["epoch"] >= self.epochs:
+            return
+        if self.rank == 0:
+            self._persist(row["epoch"], run_dir)
+        ray.train.report(dict(row))
+
+    def _persist(self, epoch: int, run_dir: Path) -> None:
+        import pyarrow.fs as pafs
+
+        from bench.tune import CHECKPOINT_DIR, _fs
+
+        fs, root = _fs(self.trial_dir)
+        folder = f"{root}/checkpoint_{epoch:06d}"
+        fs.create_dir(folder)
+        for name in ("metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: a folder cut short does not load
+            fs.copy_file(str(run_dir / name), f"{folder}/{name}") if isinstance(fs, pafs.LocalFileSystem) else \
+                pafs.copy_files(str(run_dir / name), f"{folder}/{name}", destination_filesystem=fs)
+        if self.keep:
+            found = fs.get_file_info(pafs.FileSelector(root))
+            numbered = sorted(f.path for f in found
+                              if f.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(f.base_name))
+            for old in numbered[:-self.keep]:
+                fs.delete_dir(old)
+
+
+def _raise_worker_error(err: Exception) -> None:
+    """The first failed rank's own exception, as one process would have raised it (UsageError and
+    TrainingDiverged keep their one-line handling)."""
+    from bench.train import TrainingDiverged
+
+    failures = getattr(err, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        for kind in (TrainingDiverged, UsageError):
+            if isinstance(failure, kind):
+                lines = [line for line in str(failure).splitlines() if line.strip()]
+                message = next((line.split(": ", 1)[1] for line in reversed(lines)
+                                if line.startswith((f"{kind.__name__}: ", f"bench.errors.{kind.__name__}: ",
+                                                    f"bench.train.{kind.__name__}: ", "ConfigError: ",
+                                                    "bench.errors.ConfigError: "))), lines[-1] if lines else "")
+                raise kind(message) from None
+        raise RuntimeError(f"worker {_} failed: {_first_line(failure)}") from err
+    raise err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def fit_trial(cfg: TrialConfig, *, raw: dict[str, Any], trial_dir: str, scratch: Path, trial_id: str, sweep: str,
+              keep: int | None, includes: tuple[str, ...]):
+    """A sweep's Tune trial as the Train driver: continue from the trial folder's newest checkpoint, run the
+    worker group, and leave the run's outputs (result.json, logits.pt, checkpoint.pt, ...) in `scratch` as
+    train.run would have; returns the ResultRecord."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from bench.results import ResultRecord
+    from bench.train import CHECKPOINT
+    from bench.tune import RESUME_DIR, _fs, restore_checkpoint
+
+    resumed = restore_checkpoint(trial_dir, scratch / CHECKPOINT)
+    fs, root = _fs(trial_dir)
+    fs.delete_dir_contents(f"{root}/train", missing_dir_ok=True)  # Train's state of an earlier attempt: unused
+
+    class EpochsToTune(TuneReportCallback):
+        """Per-epoch metrics to Tune; the final report (with the outputs) is the driver's own, as a Tune
+        checkpoint like a one-process trial's."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is None:
+                super().after_report(run_context, metrics, None)
+
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"trial": raw, "run_dir": None, "trial_dir": trial_dir, "keep": keep, "sweep": sweep,
+                           "trial_id": trial_id, "includes": list(includes),
+                           "resume_from": f"{trial_dir}/{RESUME_DIR}/{CHECKPOINT}" if resumed else None},
+        scaling_config=_scaling(cfg),
+        run_config=RunConfig(name="train", storage_path=trial_dir, callbacks=[EpochsToTune()]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        _raise_worker_error(err)
+    result.checkpoint.to_directory(str(scratch))
+    record = ResultRecord.model_validate_json((scratch / "result.json").read_text())
+    fs.delete_dir_contents(f"{root}/train", missing_dir_ok=True)
+    return record
+
+
+def train(cfg: TrialConfig, run_dir: Path, *, resume: bool):
+    """`exitbench train` with workers.count > 1: the worker group on a local Ray; rank 0 writes `run_dir` as
+    one process would. Returns the ResultRecord."""
+    import ray
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from bench.results import ResultRecord
+    from bench.train import CHECKPOINT
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    gpus = torch.cuda.device_count()
+    w = cfg.workers
+    if w.count * w.cpu > cpus or w.count * w.gpu > gpus:
+        raise UsageError(f"workers: {w.count} x (cpu={w.cpu:g}, gpu={w.gpu:g}) is more than this machine has "
+                         f"({cpus} CPUs, {gpus} GPUs); lower workers.count, workers.cpu or workers.gpu")
+    run_dir = run_dir.resolve()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level="ERROR",
+                 num_cpus=cpus, num_gpus=gpus)
+    storage = tempfile.mkdtemp(prefix="exitbench-train-")
+    try:
+        from bench.registry import included
+
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"trial": cfg.model_dump(), "run_dir": str(run_dir), "includes": list(included()),
+                               "resume_from": str(run_dir / CHECKPOINT) if resume else None},
+            scaling_config=_scaling(cfg),
+            run_config=RunConfig(name="train", storage_path=storage),
+        )
+        try:
+            trainer.fit()
+        except Exception as err:
+            _raise_worker_error(err)
+        return ResultRecord.model_validate_json((run_dir / "result.json").read_text())
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        if started:
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tune's side
+
+
+def is_distributed(trial: dict[str, Any]) -> bool:
+    return int((trial.get("workers") or {}).get("count", 1)) > 1
+
+
+def footprint(trial: dict[str, Any], cpu: float, gpu: float) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds while it runs: its Tune slot, plus its worker group when distributed."""
+    if not is_distributed(trial):
+        return cpu, gpu
+    w = trial["workers"]
+    return DRIVER_CPU + w["count"] * w["cpu"], w["count"] * w["gpu"]
+
+
+def trial_resources(cpu: float, gpu: float):
+    """Tune's resources per trial: the sweep's `resources` for a one-process trial; for a distributed one a
+    small driver slot (its workers hold their own placement group)."""
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        if is_distributed(config["point"]["trial"]):
+            return {"cpu": DRIVER_CPU, "gpu": 0}
+        return {"cpu": cpu, "gpu": gpu}
+
+    return resources
+
+
+def max_concurrent(trials: list[dict[str, Any]], cpu: float, gpu: float, nodes: list[dict[str, float]],
+                   given: int | None) -> int | None:
+    """With distributed trials, at most as many trials at once as the cluster holds whole (the largest
+    footprint counted): a trial whose driver runs while its workers cannot be placed would hold resources
+    another trial's workers wait for (ray#54305). `given` (max_concurrent) only lowers it."""
+    if not any(is_distributed(t) for t in trials):
+        return given
+    total_cpu = sum(n.get("CPU", 0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0) for n in nodes)
+    need = [footprint(t, cpu, gpu) for t in trials]
+    limit = int(total_cpu // max(c for c, _ in need) + 1e-9) if max(c for c, _ in need) > 0 else len(trials)
+    if max(g for _, g in need) > 0:
+        limit = min(limit, int(total_gpu // max(g for _, g in need) + 1e-9))
+    limit = max(1, limit)
+    return min(limit, given) if given else limit
+
+
+def check_fits(trials: list[dict[str, Any]], nodes: list[dict[str, float]], where: str) -> None:
+    """Each distributed trial's worker: on some node; its whole group plus driver: in the cluster."""
+    total_cpu = sum(n.get("CPU", 0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0) for n in nodes)
+    for t in trials:
+        if not is_distributed(t):
+            continue
+        w = t["workers"]
+        if not any(n.get("CPU", 0) >= w["cpu"] and n.get("GPU", 0) >= w["gpu"] for n in nodes):
+            raise UsageError(f"workers.cpu={w['cpu']:g}, workers.gpu={w['gpu']:g}: no node of {where} has that "
+                             f"much for one worker; lower workers.cpu / workers.gpu")
+        cpu, gpu = footprint(t, 0, 0)
+        if cpu > total_cpu + 1e-9 or gpu > total_gpu + 1e-9:
+            raise UsageError(f"workers: {w['count']} x (cpu={w['cpu']:g}, gpu={w['gpu']:g}) plus the trial's driver "
+                             f"({DRIVER_CPU:g} CPU) is more than {where} has ({total_cpu:g} CPUs, {total_gpu:g} "
+                             f"GPUs); lower workers.count, workers.cpu or workers.gpu")

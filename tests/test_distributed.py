@@ -1,0 +1,192 @@
+"""One trial on several workers (bench/distributed.py).
+
+Math: two gloo processes (torch.multiprocessing, no Ray) run the strategies through `Workers`, the seam
+bench.train.run gives every rank; the results are compared with one process on the whole batch (uniform, GE,
+distill) and with L2W-DEN's DDP rule written out here (each rank's pseudo step on its own half batch, the
+WPN meta-gradient averaged). Ray: sweeps and `exitbench train` with 2-worker trials on the shared local Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from bench import backbones
+from bench.registry import METHODS, load_all
+
+BATCH, STEPS = 64, 2
+OPTIM = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+L2W = dict(meta_grad="exact", wpn_hidden=32, epsilon=0.8, normalize="col")
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return backbones.build({"name": "tiny", "widths": [8, 12, 16]}, 10, 1, 8)
+
+
+def _batches(steps: int, n: int = BATCH):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(steps)]
+
+
+def _strategy(name, params, model, steps):
+    load_all()
+    opt = torch.optim.SGD(model.parameters(), **OPTIM)
+    return METHODS.build(name, params, model=model, optimizer=opt, total_steps=steps, steps_per_epoch=steps)
+
+
+def _flat(modules) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: every scenario on this rank's half of each global batch."""
+    import torch.distributed as dist
+
+    from bench.config import validate_trial
+    from bench.distributed import Workers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    for name, params, steps in (("uniform", {}, STEPS), ("ge", {}, STEPS), ("distill", {"temperature": 3.0}, STEPS),
+                                ("l2w", L2W, 1), ("l2w", L2W, 3)):
+        model = _model()
+        strategy = _strategy(name, params, model, steps)
+        group = Workers(validate_trial({"batch_size": BATCH, "method": name, "workers": {"count": 2}}), "cpu")
+        group.wrap(strategy, model)
+        if name != "l2w":
+            model.eval()  # BatchNorm on running statistics: per sample, so a split batch gives the same update
+        for i, (x, y) in enumerate(_batches(steps)):
+            strategy.step(x[share], y[share], i)
+        nets = [model, strategy.wpn] if name == "l2w" else [model]
+        results[f"{name}-{steps}"] = _flat(nets)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("name, params", [("uniform", {}), ("ge", {}), ("distill", {"temperature": 3.0})])
+def test_two_workers_of_half_batches_step_as_one_process_of_the_whole(two_ranks, name, params):
+    model = _model()
+    strategy = _strategy(name, params, model, STEPS)
+    model.eval()
+    for i, (x, y) in enumerate(_batches(STEPS)):
+        strategy.step(x, y, i)
+    one = _flat([model])
+    for rank in two_ranks:
+        moved = (rank[f"{name}-{STEPS}"] - _flat([_model()])).abs().max()
+        assert moved > 1e-3  # the steps did something
+        torch.testing.assert_close(rank[f"{name}-{STEPS}"], one, rtol=0, atol=1e-5)
+
+
+def test_l2w_ranks_stay_identical(two_ranks):
+    assert torch.equal(two_ranks[0]["l2w-3"], two_ranks[1]["l2w-3"])
+
+
+def _allocate(conf: torch.Tensor, probs: list[float]) -> torch.Tensor:
+    """L2W-DEN's exit allocation on one rank's meta half: exit k takes the floor(n q_k) most confident samples
+    left, the last exit the rest."""
+    n, K = conf.shape
+    exit_of, free = torch.full((n,), K - 1), torch.ones(n, dtype=torch.bool)
+    for k in range(K - 1):
+        order = [i for i in torch.argsort(conf[:, k], descending=True, stable=True).tolist() if free[i]]
+        chosen = order[:int(n * probs[k])]
+        exit_of[chosen], free[chosen] = k, False
+    return exit_of
+
+
+def test_l2w_step_on_two_workers_is_l2w_den_ddp_rule(two_ranks):
+    """One L2W step written out: per half, each rank's pseudo SGD step on its own training half, its meta loss
+    on its own meta half at the pseudo parameters, the WPN's gradient averaged over the ranks (one Adam step),
+    then the backbone's real gradients averaged (one SGD step)."""
+    from methods.l2w import WeightPredictor
+
+    model = _model()
+    K = model.num_exits
+    wpn = WeightPredictor(K, K, L2W["wpn_hidden"])  # as the strategy builds it: next in the model's stream
+    opt = torch.optim.SGD(model.parameters(), **OPTIM)
+    meta_opt = torch.optim.Adam(wpn.parameters(), lr=1e-4, weight_decay=1e-4)
+    q = 15 / 20
+    probs = [q ** k for k in range(1, K + 1)]
+    probs = [p / sum(probs) for p in probs]
+    names = [n for n, _ in model.named_parameters()]
+    x, y = _batches(1)[0]
+    shares = [(x[:32], y[:32]), (x[32:], y[32:])]
+
+    def weights(losses):
+        t = wpn(losses.detach())
+        return 1 + L2W["epsilon"] * (t - t.mean(1, keepdim=True))
+
+    def at(theta, inputs):
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            return functional_call(model, theta, (inputs,))
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+
+    model.train()
+    for half in range(2):
+        theta = dict(model.named_parameters())
+        meta_grads = []
+        for xs, ys in shares:
+            (x_tr, x_me), (y_tr, y_me) = xs.chunk(2), ys.chunk(2)
+            if half:
+                (x_tr, x_me), (y_tr, y_me) = (x_me, x_tr), (y_me, y_tr)
+            losses = torch.stack([F.cross_entropy(z, y_tr, reduction="none") for z in at(theta, x_tr)], 1)
+            g = torch.autograd.grad((weights(losses) * losses).mean(0).sum(), list(theta.values()), create_graph=True)
+            pseudo = {}
+            for name, p, gi in zip(names, theta.values(), g):
+                d = gi + OPTIM["weight_decay"] * p.detach()
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                step = d if buf is None else OPTIM["momentum"] * buf + d
+                pseudo[name] = p.detach() - OPTIM["lr"] * step
+            meta_logits = at(pseudo, x_me)
+            conf = torch.stack([F.softmax(z, 1).amax(1) for z in meta_logits], 1).detach()
+            exit_of = _allocate(conf, probs)
+            meta = sum(F.cross_entropy(meta_logits[k][exit_of == k], y_me[exit_of == k])
+                       for k in range(K) if (exit_of == k).any())
+            meta_grads.append(torch.autograd.grad(meta, list(wpn.parameters())))
+        for p, *per_rank in zip(wpn.parameters(), *meta_grads):
+            p.grad = sum(per_rank) / 2
+        meta_opt.step()
+        meta_opt.zero_grad()
+        real = []
+        for xs, ys in shares:
+            x_tr, y_tr = (xs.chunk(2)[half], ys.chunk(2)[half])
+            losses = torch.stack([F.cross_entropy(z, y_tr, reduction="none") for z in model(x_tr)], 1)
+            with torch.no_grad():
+                w = weights(losses)
+            real.append(torch.autograd.grad((w * losses).mean(0).sum(), list(model.parameters())))
+        for p, *per_rank in zip(model.parameters(), *real):
+            p.grad = sum(per_rank) / 2
+        opt.step()
+        opt.zero_grad()
+    expected = _flat([model, wpn])
+    assert (expected - two_ranks[0]["l2w-1"]).abs().max() < 1e-5
+    assert (_flat([model]) - _flat([_model()])).abs().max() > 1e-3
