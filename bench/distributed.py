@@ -23,6 +23,7 @@ the Tune side so groups cannot starve each other (ray-project/ray#54305).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -178,8 +179,13 @@ def _copy(source: str, dest: Path) -> None:
         dest.write_bytes(src.readall())
 
 
+STAGING = "train"  # in a sweep's trial folder: Ray Train's storage; epochs/ holds rank 0's newest checkpoints
+PLACEMENT_GROUP = "placement_group"  # in the staging folder: the worker group's placement group (its hex id)
+
+
 def _worker(config: dict[str, Any]) -> None:
-    """Ray Train's function on every rank: the trial with this rank's Workers group."""
+    """Ray Train's function on every rank: the trial with this rank's Workers group. Rank 0's run outputs go
+    back to the driver as the run's one Train checkpoint."""
     import ray.train
     import ray.train.torch
 
@@ -193,19 +199,27 @@ def _worker(config: dict[str, Any]) -> None:
     cfg = cfg.model_copy(update={"progress": False, "threads": cfg.threads or max(1, int(cfg.workers.cpu))})
     if cfg.workers.gpu > 0 and torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
+    staging = config.get("staging")
+    if staging and rank == 0:  # for the driver, which frees the workers at once if Tune stops the trial
+        from ray.util import get_current_placement_group
+
+        from bench.tune import _write_text
+
+        group = get_current_placement_group()
+        if group is not None:
+            _write_text(f"{staging}/{PLACEMENT_GROUP}", group.id.hex())
     own = Path(tempfile.mkdtemp(prefix=f"exitbench-rank{rank}-"))  # each rank's own run folder ...
     run_dir = Path(config["run_dir"]) if rank == 0 and config["run_dir"] else own  # ... rank 0's may be given
     try:
         resume_from = config.get("resume_from")
         if resume_from and not (run_dir / train.CHECKPOINT).is_file():
             _copy(resume_from, run_dir / train.CHECKPOINT)
-        sweep = config.get("sweep")
-        on_epoch = _EpochCheckpoints(config["trial_dir"], config["keep"], cfg.epochs, rank) if sweep else None
+        on_epoch = _StageEpochs(f"{staging}/epochs", cfg.epochs) if staging and rank == 0 else None
         group = Workers(cfg, train.resolve_device(cfg.device))
         record = train.run(cfg, run_dir, on_epoch=on_epoch, resume=bool(resume_from), trial_id=config.get("trial_id"),
-                           sweep=sweep, group=group)
+                           sweep=config.get("sweep"), group=group)
         final = {**record.epochs[-1], "test_top1_last": record.exits[-1]["top1"]}
-        if rank == 0:  # the run's outputs, for the driver to store: a Train checkpoint in the trial's storage
+        if rank == 0:
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(run_dir)))
         else:
             ray.train.report(final)
@@ -213,41 +227,25 @@ def _worker(config: dict[str, Any]) -> None:
         shutil.rmtree(own, ignore_errors=True)
 
 
-class _EpochCheckpoints:
-    """A sweep rank's on_epoch: rank 0 copies the engine's checkpoint into the trial folder as
-    `checkpoint_NNNNNN/` (what bench.tune.restore_checkpoint continues from), keeping the newest `keep`; then
-    every rank reports the epoch's metrics (Ray Train's report is a barrier) and TuneReportCallback hands
-    rank 0's to Tune (ASHA's rungs). The last epoch is reported after the evaluation, with the outputs."""
+class _StageEpochs:
+    """A sweep's rank 0 after each epoch but the last (reported after the evaluation, with the outputs): the
+    engine's checkpoint and metrics to `<staging>/epoch_NNNNNN/`, metrics last (the driver reads a folder once
+    its metrics are there). The driver hands each one to Tune and removes it; the workers never wait for it."""
 
-    def __init__(self, trial_dir: str, keep: int | None, epochs: int, rank: int):
-        self.trial_dir, self.keep, self.epochs, self.rank = trial_dir, keep, epochs, rank
+    def __init__(self, folder: str, epochs: int):
+        self.folder, self.epochs = folder, epochs
 
     def __call__(self, row: dict[str, Any], run_dir: Path) -> None:
-        import ray.train
+        import pyarrow.fs as pafs
+
+        from bench.tune import _fs
 
         if row["epoch"] >= self.epochs:
             return
-        if self.rank == 0:
-            self._persist(row["epoch"], run_dir)
-        ray.train.report(dict(row))
-
-    def _persist(self, epoch: int, run_dir: Path) -> None:
-        import pyarrow.fs as pafs
-
-        from bench.tune import CHECKPOINT_DIR, _fs
-
-        fs, root = _fs(self.trial_dir)
-        folder = f"{root}/checkpoint_{epoch:06d}"
-        fs.create_dir(folder)
-        for name in ("metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: a folder cut short does not load
-            fs.copy_file(str(run_dir / name), f"{folder}/{name}") if isinstance(fs, pafs.LocalFileSystem) else \
-                pafs.copy_files(str(run_dir / name), f"{folder}/{name}", destination_filesystem=fs)
-        if self.keep:
-            found = fs.get_file_info(pafs.FileSelector(root))
-            numbered = sorted(f.path for f in found
-                              if f.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(f.base_name))
-            for old in numbered[:-self.keep]:
-                fs.delete_dir(old)
+        fs, root = _fs(f"{self.folder}/epoch_{row['epoch']:06d}")
+        fs.create_dir(root)
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            pafs.copy_files(str(run_dir / name), f"{root}/{name}", destination_filesystem=fs)
 
 
 def _raise_worker_error(err: Exception) -> None:
@@ -256,32 +254,51 @@ def _raise_worker_error(err: Exception) -> None:
     from bench.train import TrainingDiverged
 
     failures = getattr(err, "worker_failures", None) or {}
-    for _, failure in sorted(failures.items()):
+    for rank, failure in sorted(failures.items()):
         for kind in (TrainingDiverged, UsageError):
             if isinstance(failure, kind):
-                lines = [line for line in str(failure).splitlines() if line.strip()]
-                message = next((line.split(": ", 1)[1] for line in reversed(lines)
-                                if line.startswith((f"{kind.__name__}: ", f"bench.errors.{kind.__name__}: ",
-                                                    f"bench.train.{kind.__name__}: ", "ConfigError: ",
-                                                    "bench.errors.ConfigError: "))), lines[-1] if lines else "")
-                raise kind(message) from None
-        raise RuntimeError(f"worker {_} failed: {_first_line(failure)}") from err
+                raise kind(_last_line(failure)) from None
+        raise RuntimeError(f"worker {rank} failed: {_last_line(failure)}") from err
     raise err
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+def _last_line(err: BaseException) -> str:
+    """The message of a worker's exception (Ray's text puts the traceback first, 'Type: message' last)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] in ("UsageError", "ConfigError", "TrainingDiverged") else last
+
+
+def _free_workers(staging: str) -> None:
+    """Remove the worker group's placement group: its actors end now, and its CPUs/GPUs are free for the next
+    trial (ray#54305: a stopped trial's group otherwise outlives it)."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    from bench.tune import _read_text
+
+    try:
+        hex_id = (_read_text(f"{staging}/{PLACEMENT_GROUP}") or "").strip()
+        if hex_id:
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(hex_id)))
+    except Exception:  # already gone with its run
+        pass
 
 
 def fit_trial(cfg: TrialConfig, *, raw: dict[str, Any], trial_dir: str, scratch: Path, trial_id: str, sweep: str,
-              keep: int | None, includes: tuple[str, ...]):
+              includes: tuple[str, ...]):
     """A sweep's Tune trial as the Train driver: continue from the trial folder's newest checkpoint, run the
-    worker group, and leave the run's outputs (result.json, logits.pt, checkpoint.pt, ...) in `scratch` as
-    train.run would have; returns the ResultRecord."""
+    worker group in a thread, hand each epoch rank 0 stages to Tune (`tune.report` with its checkpoint, from
+    this thread, so Tune's retention, ASHA and `--resume` see it as a one-process trial's), and leave the run's
+    outputs (result.json, logits.pt, checkpoint.pt, metrics.jsonl) in `scratch`; returns the ResultRecord.
+    Tune stopping the trial (SystemExit from tune.report) or any error frees the workers at once."""
+    import threading
+
+    import pyarrow.fs as pafs
+    from ray import tune
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from bench.results import ResultRecord
     from bench.train import CHECKPOINT
@@ -289,32 +306,53 @@ def fit_trial(cfg: TrialConfig, *, raw: dict[str, Any], trial_dir: str, scratch:
 
     resumed = restore_checkpoint(trial_dir, scratch / CHECKPOINT)
     fs, root = _fs(trial_dir)
-    fs.delete_dir_contents(f"{root}/train", missing_dir_ok=True)  # Train's state of an earlier attempt: unused
-
-    class EpochsToTune(TuneReportCallback):
-        """Per-epoch metrics to Tune; the final report (with the outputs) is the driver's own, as a Tune
-        checkpoint like a one-process trial's."""
-
-        def after_report(self, run_context, metrics, checkpoint):
-            if checkpoint is None:
-                super().after_report(run_context, metrics, None)
-
+    staging = f"{trial_dir}/{STAGING}"
+    fs.delete_dir_contents(f"{root}/{STAGING}", missing_dir_ok=True)  # an earlier attempt's: never continued
+    fs.create_dir(f"{root}/{STAGING}")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"trial": raw, "run_dir": None, "trial_dir": trial_dir, "keep": keep, "sweep": sweep,
-                           "trial_id": trial_id, "includes": list(includes),
+        train_loop_config={"trial": raw, "run_dir": None, "staging": staging, "sweep": sweep, "trial_id": trial_id,
+                           "includes": list(includes),
                            "resume_from": f"{trial_dir}/{RESUME_DIR}/{CHECKPOINT}" if resumed else None},
         scaling_config=_scaling(cfg),
-        run_config=RunConfig(name="train", storage_path=trial_dir, callbacks=[EpochsToTune()]),
+        run_config=RunConfig(name=STAGING, storage_path=trial_dir),
     )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: B036 - handed to the trial's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="exitbench-train-driver", daemon=True)
+    thread.start()
+    epochs = f"{root}/{STAGING}/epochs"
     try:
-        result = trainer.fit()
-    except Exception as err:
-        _raise_worker_error(err)
-    result.checkpoint.to_directory(str(scratch))
-    record = ResultRecord.model_validate_json((scratch / "result.json").read_text())
-    fs.delete_dir_contents(f"{root}/train", missing_dir_ok=True)
-    return record
+        while True:
+            running = thread.is_alive()
+            found = fs.get_file_info(pafs.FileSelector(epochs, allow_not_found=True))
+            for folder in sorted(f.path for f in found if f.type == pafs.FileType.Directory):
+                if fs.get_file_info(f"{folder}/metrics.jsonl").type != pafs.FileType.File:
+                    continue  # rank 0 is writing it
+                with fs.open_input_stream(f"{folder}/metrics.jsonl") as f:
+                    row = [line for line in f.readall().decode().splitlines() if line.strip()][-1]
+                checkpoint = (tune.Checkpoint.from_directory(folder) if isinstance(fs, pafs.LocalFileSystem)
+                              else tune.Checkpoint(path=folder, filesystem=fs))
+                tune.report(json.loads(row), checkpoint=checkpoint)  # persisted before it returns
+                fs.delete_dir(folder)
+            if not running:
+                break
+            thread.join(timeout=0.5)
+    except BaseException:
+        _free_workers(staging)
+        thread.join(timeout=60)
+        raise
+    if "error" in outcome:
+        _raise_worker_error(outcome["error"])
+    outcome["result"].checkpoint.to_directory(str(scratch))
+    fs.delete_dir_contents(f"{root}/{STAGING}", missing_dir_ok=True)
+    return ResultRecord.model_validate_json((scratch / "result.json").read_text())
 
 
 def train(cfg: TrialConfig, run_dir: Path, *, resume: bool):
@@ -380,21 +418,24 @@ def trial_resources(cpu: float, gpu: float):
     """Tune's resources per trial: the sweep's `resources` for a one-process trial; for a distributed one a
     small driver slot (its workers hold their own placement group)."""
 
-    def resources(config: dict[str, Any]) -> dict[str, float]:
+    from ray.tune import PlacementGroupFactory
+
+    def resources(config: dict[str, Any]) -> PlacementGroupFactory:
         if is_distributed(config["point"]["trial"]):
-            return {"cpu": DRIVER_CPU, "gpu": 0}
-        return {"cpu": cpu, "gpu": gpu}
+            return PlacementGroupFactory([{"CPU": DRIVER_CPU}])
+        return PlacementGroupFactory([{"CPU": cpu, **({"GPU": gpu} if gpu else {})}])
 
     return resources
 
 
-def max_concurrent(trials: list[dict[str, Any]], cpu: float, gpu: float, nodes: list[dict[str, float]],
-                   given: int | None) -> int | None:
+def max_concurrent(trials: list[dict[str, Any]], cpu: float, gpu: float, nodes, given: int | None) -> int | None:
     """With distributed trials, at most as many trials at once as the cluster holds whole (the largest
     footprint counted): a trial whose driver runs while its workers cannot be placed would hold resources
-    another trial's workers wait for (ray#54305). `given` (max_concurrent) only lowers it."""
+    another trial's workers wait for (ray#54305). `given` (max_concurrent) only lowers it; `nodes()` gives
+    the cluster's nodes' resources."""
     if not any(is_distributed(t) for t in trials):
         return given
+    nodes = nodes()  # the Ray cluster's nodes' resources, asked only now
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0) for n in nodes)
     need = [footprint(t, cpu, gpu) for t in trials]

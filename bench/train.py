@@ -400,7 +400,12 @@ def cli_train(args) -> int:
     if args.resume:  # before any data or model is built: a foreign file is one line
         check_resumable(load_checkpoint(run_dir / CHECKPOINT), run_dir / CHECKPOINT)
     try:
-        record = run(cfg, run_dir, resume=args.resume)
+        if cfg.workers.count > 1:  # one trial on several workers: Ray Train's DDP group (bench/distributed.py)
+            from bench import distributed
+
+            record = distributed.train(cfg, run_dir, resume=args.resume)
+        else:
+            record = run(cfg, run_dir, resume=args.resume)
     except TrainingDiverged as err:
         print(f"exitbench: training diverged: {err}", file=sys.stderr, flush=True)
         return 1

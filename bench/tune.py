@@ -157,7 +157,8 @@ def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
         raw["progress"] = False  # no tqdm bars inside Ray workers
         # The thread count is part of the result (float sums round per thread split): fixed and recorded, so
         # `exitbench train` of a trial's config.yaml gives its numbers again.
-        raw["threads"] = raw["threads"] or max(1, int(sweep.resources.cpu))
+        cpus = raw["workers"]["cpu"] if raw["workers"]["count"] > 1 else sweep.resources.cpu  # per process
+        raw["threads"] = raw["threads"] or max(1, int(cpus))
         varied = [f"{path.rsplit('.', 1)[-1]}="
                   + (str(sweep.grid[path].index(value)) if isinstance(value, dict) else _short(value))
                   for path, value in combo.items() if len(sweep.grid[path]) > 1]
@@ -334,15 +335,23 @@ def run_trial(config: dict[str, Any], *, sweep_dir: str, sweep_name: str, cpus: 
             from bench.config import validate_trial
 
             cfg = validate_trial(raw)
-            # resuming: the engine continues exactly from its own checkpoint
-            restore_checkpoint(f"{sweep_dir}/{trial_dirname(job)}", scratch / train.CHECKPOINT)
+            if cfg.workers.count > 1:  # this trial drives a DDP worker group (Ray Train); outputs land in scratch
+                from bench import distributed
 
-            def on_epoch(row: dict[str, Any], run_dir: Path) -> None:
-                if row["epoch"] >= cfg.epochs:
-                    return  # the last epoch is reported after evaluation, so a scheduler stop cannot cut it off
-                _report(dict(row), run_dir)
+                record = distributed.fit_trial(cfg, raw=raw, trial_dir=f"{sweep_dir}/{trial_dirname(job)}",
+                                               scratch=scratch, trial_id=trial_id, sweep=sweep_name,
+                                               includes=includes)
+            else:
+                # resuming: the engine continues exactly from its own checkpoint
+                restore_checkpoint(f"{sweep_dir}/{trial_dirname(job)}", scratch / train.CHECKPOINT)
 
-            record = train.run(cfg, scratch, on_epoch=on_epoch, resume=True, trial_id=trial_id, sweep=sweep_name)
+                def on_epoch(row: dict[str, Any], run_dir: Path) -> None:
+                    if row["epoch"] >= cfg.epochs:
+                        return  # the last epoch is reported after evaluation, so a scheduler stop cannot cut it off
+                    _report(dict(row), run_dir)
+
+                record = train.run(cfg, scratch, on_epoch=on_epoch, resume=True, trial_id=trial_id,
+                                   sweep=sweep_name)
         except Exception as err:
             store.write(_failed_record(trial_id, sweep_name, raw, _describe(err), time.time() - started,
                                        job.get("retried_with")))
@@ -480,11 +489,15 @@ def logger_callbacks(sweep: SweepConfig) -> list:
 
 
 def _trainable(sweep: SweepConfig, sweep_dir: str):
+    from bench import distributed
     from bench.registry import included
 
     trainable = tune.with_parameters(run_trial, sweep_dir=sweep_dir, sweep_name=sweep.name,
                                      cpus=sweep.resources.cpu, cwd=os.getcwd(), includes=tuple(included()))
-    return tune.with_resources(trainable, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+    if not any(distributed.is_distributed(t.model_dump()) for t in sweep.trials()):
+        return tune.with_resources(trainable, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+    # a distributed trial's Tune slot is its driver only; its workers hold a placement group of their own
+    return tune.with_resources(trainable, distributed.trial_resources(sweep.resources.cpu, sweep.resources.gpu))
 
 
 def _max_epochs(sweep: SweepConfig) -> int:
@@ -515,8 +528,13 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], quiet
         failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded; --resume retries it
         checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints),
     )
+    from bench import distributed
+
+    # worker groups of distributed trials: no more trials at once than the cluster holds whole (ray#54305)
+    concurrent = distributed.max_concurrent([job["trial"] for job in jobs], sweep.resources.cpu, sweep.resources.gpu,
+                                            _ray_nodes, sweep.max_concurrent)
     tune_config = tune.TuneConfig(num_samples=1, scheduler=scheduler,
-                                  max_concurrent_trials=sweep.max_concurrent, trial_name_creator=_trial_name,
+                                  max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
                                   trial_dirname_creator=_trial_dirname,
                                   reuse_actors=True)  # imports (torch, Ray Tune) once per slot, not per trial
     # each Tune trial gets one job as its "point" (key, label, trial config)
@@ -568,6 +586,9 @@ def check_data(trials: list[dict[str, Any]]) -> None:
 
 
 def _check_fits(sweep: SweepConfig, nodes: list[dict[str, float]], where: str) -> None:
+    from bench import distributed
+
+    distributed.check_fits([t.model_dump() for t in sweep.trials()], nodes, where)
     res = sweep.resources
     if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
         return

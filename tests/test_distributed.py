@@ -8,13 +8,13 @@ WPN meta-gradient averaged). Ray: sweeps and `exitbench train` with 2-worker tri
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
 
 import pytest
 import torch
+import yaml
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -190,3 +190,87 @@ def test_l2w_step_on_two_workers_is_l2w_den_ddp_rule(two_ranks):
     expected = _flat([model, wpn])
     assert (expected - two_ranks[0]["l2w-1"]).abs().max() < 1e-5
     assert (_flat([model]) - _flat([_model()])).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray: sweeps and `exitbench train` with a 2-worker trial (gloo, half a CPU per worker on the shared Ray)
+
+TWO = {"count": 2, "cpu": 0.5}
+
+
+@pytest.mark.slow
+def test_sweep_of_a_two_worker_and_a_one_worker_trial_with_asha_frees_the_workers(ray_session, run_cli, tmp_path):
+    """Both kinds of trial run and are stored; ASHA stops the 2-worker trial with lr 1e-6 at its first rung
+    (the first trial, 2 workers at lr 0.2, set the rung), and its worker group's placement group is gone with it
+    (ray#54305): every CPU is free at the end. The 1-worker trials run after it; ASHA may stop them too."""
+    from ray.util import placement_group_table
+    from test_tune import TINY, sweep_file
+
+    from bench import results
+
+    path = sweep_file(tmp_path, "ddp", base=dict(TINY, epochs=3, workers={"cpu": 0.5}), seeds=[0],
+                      grid={"workers.count": [2, 1], "optim.lr": [0.2, 1e-6]},
+                      search={"scheduler": "asha", "metric": "loss", "mode": "min"})
+    code, out, err = run_cli("sweep", path, "--quiet")
+    assert code == 0, out + err
+    runs = results.load(tmp_path / "runs" / "ddp").runs.set_index(["config.workers.count", "config.optim.lr"])
+    assert runs.loc[(2, 0.2), "status"] == "finished" and runs.loc[(2, 1e-6), "status"] == "stopped"
+    assert set(runs.loc[1, "status"]) <= {"finished", "stopped"} and len(runs) == 4
+    record = results.load_record(tmp_path / "runs" / "ddp", runs.loc[(2, 0.2), "trial_id"])
+    assert record.config["workers"]["count"] == 2 and len(record.epochs) == 3 and record.exits[-1]["top1"] >= 0
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+    assert ray_session.available_resources().get("CPU") == ray_session.cluster_resources()["CPU"]
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_the_distributed_trial_from_its_checkpoint(ray_session, run_cli, tmp_path):
+    """SIGKILL the sweep driver (its own Ray) while the 2-worker trial is mid-way; `--resume` on the shared Ray
+    continues it from its checkpoint and ends where `exitbench train` of the same trial on 2 workers ends."""
+    import signal
+
+    from test_tune import TINY, _driver, _kill_group, _wait_for, sweep_file
+
+    from bench import results
+
+    base = dict(TINY, data=dict(TINY["data"], train_size=400), epochs=4, workers=TWO)
+    path = sweep_file(tmp_path, "killed", base=base, grid={}, seeds=[0])
+    sweep_dir = tmp_path / "runs" / "killed"
+    driver = _driver([path])
+    try:
+        _wait_for(lambda: list(sweep_dir.glob("*_*/checkpoint_00000[0-9]")), driver, "a checkpoint", timeout=300)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        _kill_group(driver.pid)
+    assert not list((sweep_dir / "store" / "records").glob("*.json"))  # killed mid-way
+    code, out, err = run_cli("sweep", "--resume", str(sweep_dir), "--quiet")
+    assert code == 0, out + err
+    tables = results.load(sweep_dir)
+    assert tables.runs["status"].tolist() == ["finished"]
+    assert next(sweep_dir.glob("*_*/checkpoint_resume/checkpoint.pt")).is_file()  # continued, not restarted
+    run_dir = tmp_path / "clean"
+    trial = json.loads(json.dumps(results.load_record(sweep_dir, tables.runs["trial_id"][0]).config))
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump({**trial, "out_dir": str(run_dir)}))
+    code, out, err = run_cli("train", config)
+    assert code == 0, out + err
+    clean = json.loads((run_dir / "result.json").read_text())
+    losses = tables.epochs.sort_values("epoch")["loss"].tolist()
+    assert losses == pytest.approx([e["loss"] for e in clean["epochs"]], rel=1e-6)
+    assert tables.exits.sort_values("exit")["top1"].tolist() == [e["top1"] for e in clean["exits"]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["workers.count=0"], "workers.count: Input should be greater than or equal to 1"),
+    (["workers.count=2", "batch_size=63"], "batch_size=63 is the global batch and must split evenly over "
+                                           "workers.count=2"),
+    (["workers.count=2", "method=pcgrad"], "method 'pcgrad' does not run on several workers"),
+    (["workers.count=2", "method=l2w", "workers.sync_bn=true"], "workers.sync_bn: method 'l2w'"),
+    (["workers.count=2", "workers.cpu=64"], "workers: 2 x (cpu=64, gpu=0) is more than this machine has"),
+])
+def test_bad_worker_settings_are_one_line_exit_2(run_cli, tmp_path, overrides, message):
+    from test_tune import one_line
+
+    code, out, err = run_cli("train", *overrides, f"out_dir={tmp_path / 'run'}")
+    assert code == 2 and message in one_line(err), err
+    assert not (tmp_path / "run").exists()
