@@ -14,9 +14,9 @@ import socket
 
 import pytest
 import torch
-import yaml
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch.func import functional_call
 
 from bench import backbones
