@@ -171,6 +171,9 @@ class TrialConfig(Section):
                 raise ConfigError(f"method {method!r} does not run on several workers (its math under DDP would "
                                   f"differ from one process); with workers.count > 1 use one of "
                                   f"{', '.join(supported)}, or workers.count=1")
+            if self.workers.sync_bn and (self.workers.gpu == 0 or self.device == "cpu"):
+                raise ConfigError("workers.sync_bn: torch's SyncBatchNorm runs on GPUs only; give each worker a GPU "
+                                  "(workers.gpu=1) or set workers.sync_bn=false")
             if self.workers.sync_bn and not getattr(METHODS.get(method).factory, "sync_bn", True):
                 raise ConfigError(f"workers.sync_bn: method {method!r} differentiates twice through BatchNorm, "
                                   f"which SyncBatchNorm cannot; set workers.sync_bn=false")

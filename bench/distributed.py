@@ -100,7 +100,7 @@ class Workers:
     def wrap(self, strategy, model: torch.nn.Module) -> None:
         if self.sync_bn:  # in place: the optimiser's parameters and the buffers are the same tensors
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ids = [self.device] if self.device.type == "cuda" else None
+        ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
         # Parameters without a gradient in some step (a regime's frozen parts and phase 1's unused heads, exits
         # of weight 0): DDP must be told to look for them, which costs a graph walk per step otherwise saved.
         unused = self.regime != "joint" or strategy.leaves_parameters_unused()
@@ -374,7 +374,8 @@ def train(cfg: TrialConfig, run_dir: Path, *, resume: bool):
     run_dir = run_dir.resolve()
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level="ERROR",
+        # the workers' logs stay in Ray's log folder; rank 0 appends each epoch to run_dir/metrics.jsonl
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  num_cpus=cpus, num_gpus=gpus)
     storage = tempfile.mkdtemp(prefix="exitbench-train-")
     try:

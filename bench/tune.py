@@ -556,9 +556,12 @@ def preflight(sweep: SweepConfig) -> None:
     if sweep.search.scheduler == "asha" and not EPOCH_METRICS.match(sweep.search.metric):
         raise UsageError(f"search.metric={sweep.search.metric!r} is not a per-epoch metric; use val_acc_last, "
                          f"val_acc_K, train_acc_K, train_loss_K or loss")
-    if res.gpu == 0 and any(t.device.startswith("cuda") for t in sweep.trials()):
+    if res.gpu == 0 and any(t.device.startswith("cuda") and t.workers.count == 1 for t in sweep.trials()):
         raise UsageError("device=cuda needs resources.gpu > 0 (Ray hides GPUs from trials that ask for none); "
                          "set resources.gpu=1 (or 0.5 to share) or device=auto")
+    if any(t.device.startswith("cuda") and t.workers.count > 1 and t.workers.gpu == 0 for t in sweep.trials()):
+        raise UsageError("device=cuda with workers.count > 1 needs workers.gpu > 0 (Ray hides GPUs from workers "
+                         "that ask for none); set workers.gpu=1 or device=auto")
     logger_callbacks(sweep)  # a tracker whose package is missing: one line now, not a failed sweep later
     if sweep.report is not None:
         from bench.report import build_report

@@ -98,8 +98,14 @@ def _positive(minimum: int):
     return parse
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, no usage block
+        print(f"{self.prog}: error: {message.removeprefix('argument ')}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", nargs="+", type=_positive(1), default=[1, 2], help="worker counts (1 first)")
     parser.add_argument("--backbone", default="msdnet-cifar-budget")
     parser.add_argument("--method", default="uniform")

@@ -65,3 +65,15 @@ def test_data_loading_bad_arguments(args, message):
     done = subprocess.run([sys.executable, str(DATA_LOADING), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers: expected an integer >= 1, got '0'"),
+    (["--workers", "1", "2", "--batch", "63"], "--batch 63 does not split evenly over 2 workers"),
+    (["--method", "pcgrad"], "--method 'pcgrad' does not run on several workers"),
+])
+def test_ddp_scaling_bad_arguments(args, message):
+    script = SCRIPT.parent / "ddp_scaling.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr

@@ -265,7 +265,8 @@ def test_killed_driver_resumes_the_distributed_trial_from_its_checkpoint(ray_ses
     (["workers.count=2", "batch_size=63"], "batch_size=63 is the global batch and must split evenly over "
                                            "workers.count=2"),
     (["workers.count=2", "method=pcgrad"], "method 'pcgrad' does not run on several workers"),
-    (["workers.count=2", "method=l2w", "workers.sync_bn=true"], "workers.sync_bn: method 'l2w'"),
+    (["workers.count=2", "method=l2w", "workers.sync_bn=true", "workers.gpu=1"], "workers.sync_bn: method 'l2w'"),
+    (["workers.count=2", "workers.sync_bn=true"], "workers.sync_bn: torch's SyncBatchNorm runs on GPUs only"),
     (["workers.count=2", "workers.cpu=64"], "workers: 2 x (cpu=64, gpu=0) is more than this machine has"),
 ])
 def test_bad_worker_settings_are_one_line_exit_2(run_cli, tmp_path, overrides, message):
@@ -274,3 +275,20 @@ def test_bad_worker_settings_are_one_line_exit_2(run_cli, tmp_path, overrides, m
     code, out, err = run_cli("train", *overrides, f"out_dir={tmp_path / 'run'}")
     assert code == 2 and message in one_line(err), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["base.workers.count=2", "base.workers.cpu=2"], "workers: 2 x (cpu=2, gpu=0) plus the trial's driver (0.1 CPU) "
+                                                     "is more than this machine has"),
+    (["base.workers.count=2", "base.device=cuda"], "device=cuda with workers.count > 1 needs workers.gpu > 0"),
+])
+def test_bad_distributed_sweeps_are_one_line_exit_2(run_cli, tmp_path, monkeypatch, overrides, message):
+    from test_tune import TINY, one_line, sweep_file
+
+    from bench import tune
+
+    monkeypatch.setattr(tune, "_local_machine", lambda: {"CPU": 2.0, "GPU": 0.0})
+    path = sweep_file(tmp_path, "bad", base=TINY, grid={}, seeds=[0])
+    code, out, err = run_cli("sweep", path, *overrides, "--quiet")
+    assert code == 2 and message in one_line(err), err
+    assert not (tmp_path / "runs" / "bad").exists()
