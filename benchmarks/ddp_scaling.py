@@ -20,6 +20,10 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from l2w_speed import OneLineErrors, at_least  # noqa: E402  (the benchmarks' one-line argument errors)
 
 
 def _free_port() -> int:
@@ -85,34 +89,15 @@ def measure(size: int, threads: int, args) -> float:
     return args.batch * args.steps / seconds
 
 
-def _positive(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, no usage block
-        print(f"{self.prog}: error: {message.removeprefix('argument ')}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrors(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", nargs="+", type=_positive(1), default=[1, 2], help="worker counts (1 first)")
+    parser.add_argument("--workers", nargs="+", type=at_least(1), default=[1, 2], help="worker counts (1 first)")
     parser.add_argument("--backbone", default="msdnet-cifar-budget")
     parser.add_argument("--method", default="uniform")
-    parser.add_argument("--batch", type=_positive(1), default=64, help="global batch")
-    parser.add_argument("--steps", type=_positive(1), default=10)
-    parser.add_argument("--warmup", type=_positive(0), default=2)
-    parser.add_argument("--threads", type=_positive(1), default=1, help="torch threads per worker")
+    parser.add_argument("--batch", type=at_least(1), default=64, help="global batch")
+    parser.add_argument("--steps", type=at_least(1), default=10)
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads per worker")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--figure", help="also draw the figure to this file (.png, .pdf)")
     try:
