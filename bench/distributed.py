@@ -205,9 +205,9 @@ def _worker(config: dict[str, Any]) -> None:
 
         from bench.tune import _write_text
 
-        group = get_current_placement_group()
-        if group is not None:
-            _write_text(f"{staging}/{PLACEMENT_GROUP}", group.id.hex())
+        placement = get_current_placement_group()
+        if placement is not None:
+            _write_text(f"{staging}/{PLACEMENT_GROUP}", placement.id.hex())
     own = Path(tempfile.mkdtemp(prefix=f"exitbench-rank{rank}-"))  # each rank's own run folder ...
     run_dir = Path(config["run_dir"]) if rank == 0 and config["run_dir"] else own  # ... rank 0's may be given
     try:
@@ -244,8 +244,9 @@ class _StageEpochs:
             return
         fs, root = _fs(f"{self.folder}/epoch_{row['epoch']:06d}")
         fs.create_dir(root)
-        for name in ("checkpoint.pt", "metrics.jsonl"):
-            pafs.copy_files(str(run_dir / name), f"{root}/{name}", destination_filesystem=fs)
+        pafs.copy_files(str(run_dir / "checkpoint.pt"), f"{root}/checkpoint.pt", destination_filesystem=fs)
+        pafs.copy_files(str(run_dir / "metrics.jsonl"), f"{root}/metrics.part", destination_filesystem=fs)
+        fs.move(f"{root}/metrics.part", f"{root}/metrics.jsonl")  # whole or absent for the driver
 
 
 def _raise_worker_error(err: Exception) -> None:
