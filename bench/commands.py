@@ -151,9 +151,11 @@ def _latency(sub):
 
 @command
 def _train(sub):
-    p = sub.add_parser("train", help="run one trial without Ray and write its run folder",
-                       description="Train one trial (config YAML plus dotted overrides) without Ray; writes config, "
-                                   "metrics, checkpoint, logits and the result record to the run folder.")
+    p = sub.add_parser("train", help="run one trial and write its run folder",
+                       description="Train one trial (config YAML plus dotted overrides); writes config, metrics, "
+                                   "checkpoint, logits and the result record to the run folder. One process "
+                                   "without Ray; with workers.count=N > 1, N DDP workers on a local Ray (Ray "
+                                   "Train), e.g. workers.count=4 workers.gpu=1; batch_size stays the global batch.")
     p.add_argument("config", nargs="?", default=None, help="trial YAML (default: built-in defaults)")
     _overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
