@@ -120,6 +120,28 @@ def test_digits_splits_are_seeded_disjoint_and_recorded():
     assert a.val.dataset is not a.train.dataset and a.in_channels == 1 and a.image_size == 16
 
 
+def test_train_subset_is_a_seeded_subset_of_the_training_images_left_after_val():
+    full, sub = splits("digits", seed=3), splits("digits", seed=3, train_subset=200)
+    # Written out: the val permutation (seed 3) leaves these images; the subset is a permutation (seed 4) of them.
+    left = np.sort(np.random.default_rng(3).permutation(1348)[135:])
+    want = np.sort(left[np.random.default_rng(4).permutation(len(left))[:200]])
+    assert np.array_equal(full.train.indices, left) and np.array_equal(sub.train.indices, want)
+    assert np.array_equal(sub.val.indices, full.val.indices)  # val does not move
+    assert sub.info["train_size"] == 200 and sub.info["train_subset_sha1"] == hashlib.sha1(
+        want.astype(np.int64).tobytes()).hexdigest()
+    assert "train_subset_sha1" not in full.info
+
+
+@pytest.mark.parametrize("value, message", [
+    ("5000", "data.train_subset: 5000 is more than the 1213 training images digits' training set leaves after "
+             "val; use 1..1213 or null for all"),
+    ("0", "train_subset"),
+])
+def test_train_subset_bad_values_are_one_line_exit_2(run_cli, value, message):
+    code, out, err = run_cli("data", "check", "digits", f"train_subset={value}")
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
 def test_digits_augment_shifts_train_only():
     s = splits("digits", augment=True, image_size=16)
     i = 0
