@@ -1042,6 +1042,8 @@ def _differences_figure(out, pairs, curves, groups, palette, note) -> list[Path]
     """Paired differences to the baseline along the budget: for each pair (same seed and settings), the group's
     budgeted accuracy minus the baseline's at the same MACs (a share of the baseline trial's last exit), then
     the mean over pairs and its paired t-interval, drawn only where every pair has a value."""
+    from matplotlib.patches import Patch
+
     fig, axes = _axes(len(groups))
     base_label = pairs.attrs.get("baseline", "baseline")
     for ax, ((dataset, backbone), _) in zip(axes[:, 0], groups):
@@ -1064,8 +1066,6 @@ def _differences_figure(out, pairs, curves, groups, palette, note) -> list[Path]
         ax.set(title=f"Paired differences vs {base_label} · {dataset} · {backbone}",
                xlabel=f"budget (% of the {base_label} trial's last-exit MACs)",
                ylabel="Δ top-1 accuracy (points)")
-        from matplotlib.patches import Patch
-
         _legend(ax, Patch(color="grey", alpha=0.3, label=f"shaded: {DIFF_CI_KIND} (n ≥ {MIN_SEEDS_FOR_CI} pairs)"),
                 True)
     return _save(fig, out, "differences", note)
