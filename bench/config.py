@@ -168,15 +168,15 @@ class TrialConfig(Section):
             supported = [name for name in METHODS.all_names()
                          if getattr(METHODS.get(name).factory, "distributed", False)]
             if method not in supported:
-                raise ConfigError(f"method {method!r} does not run on several workers (its math under DDP would "
-                                  f"differ from one process); with workers.count > 1 use one of "
-                                  f"{', '.join(supported)}, or workers.count=1")
+                raise ConfigError(f"method {method!r} does not run on several workers (its strategy does not set "
+                                  f"`distributed = True`, which says its update under DDP is made exact); with "
+                                  f"workers.count > 1 use one of {', '.join(supported)}, or workers.count=1")
             if self.workers.sync_bn and (self.workers.gpu == 0 or self.device == "cpu"):
                 raise ConfigError("workers.sync_bn: torch's SyncBatchNorm runs on GPUs only; give each worker a GPU "
                                   "(workers.gpu=1) or set workers.sync_bn=false")
-            if self.workers.sync_bn and not getattr(METHODS.get(method).factory, "sync_bn", True):
-                raise ConfigError(f"workers.sync_bn: method {method!r} differentiates twice through BatchNorm, "
-                                  f"which SyncBatchNorm cannot; set workers.sync_bn=false")
+            refused = getattr(METHODS.get(method).factory, "sync_bn_refused", None)
+            if self.workers.sync_bn and refused:
+                raise ConfigError(f"workers.sync_bn: method {method!r} {refused}; set workers.sync_bn=false")
         return self
 
     @field_validator("device")

@@ -9,7 +9,9 @@ its default `train.OneProcess` is the identity):
   calibration and test loaders are the full ones, and every evaluation runs on rank 0 over them (its numbers
   are the single-process numbers) and is broadcast;
 - model: `DistributedDataParallel` (still the multi-exit contract: `ExitDDP`), handed to the strategy by
-  `Strategy.distribute` (L2W keeps its pseudo step per rank and averages its WPN's meta-gradient);
+  `Strategy.distribute` with this group, whose collectives (`average`, `broadcast`, `gather`) a strategy's own
+  networks and statistics go through (methods/base.py: `average_gradients`, `worker_mean`; L2W keeps its pseudo
+  step per rank and averages its WPN's meta-gradient; Meta-GF trains copies and keeps the model outside DDP);
 - metrics: the epoch's sums (losses x samples, correct counts, samples) all-reduced, never rank 0's alone;
 - checkpoints: written by rank 0, read by every rank on resume; each rank's random streams are re-seeded from
   (seed, epoch, rank) at every epoch, so a resumed epoch draws what the uninterrupted one drew.
@@ -148,6 +150,12 @@ class Workers:
         for t in tensors:
             out.append(flat[start:start + t.numel()].view_as(t))
             start += t.numel()
+        return out
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
         return out
 
     def broadcast(self, module: torch.nn.Module) -> None:

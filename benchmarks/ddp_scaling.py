@@ -38,6 +38,7 @@ def _rank(rank: int, size: int, port: int, args, out: str) -> None:
 
     from bench.config import validate_trial
     from bench.distributed import Workers
+    from bench.readout import build_readout
     from bench.registry import BACKBONES, METHODS, load_all
 
     torch.set_num_threads(args.threads)
@@ -53,7 +54,10 @@ def _rank(rank: int, size: int, port: int, args, out: str) -> None:
     model = BACKBONES.build(args.backbone, {}, num_classes=100, in_channels=3, image_size=32).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     total = args.warmup + args.steps
-    strategy = METHODS.build(args.method, {}, model=model, optimizer=optimizer, total_steps=total, device=device)
+    readout = build_readout({"name": args.method}, model.num_exits, 100).to(device)  # ztw's, boosted's
+    # the steps as 10 epochs of a trial (ztw's last one fits its ensembles; epoch-end passes are not timed)
+    strategy = METHODS.build(args.method, {}, model=model, optimizer=optimizer, total_steps=total, device=device,
+                             steps_per_epoch=max(1, total // 10), readout=readout)
     if size > 1:
         cfg = validate_trial({"batch_size": args.batch, "method": args.method, "workers": {"count": size}})
         Workers(cfg, device).wrap(strategy, model)
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--backbone {args.backbone!r} is not registered; one of {', '.join(BACKBONES.all_names())}")
     if args.method not in METHODS:
         return fail(f"--method {args.method!r} is not registered; one of {', '.join(METHODS.all_names())}")
-    if not getattr(METHODS.get(args.method).factory, "distributed", False):
-        return fail(f"--method {args.method!r} does not run on several workers")
+    if args.warmup + args.steps < 2 and args.method == "ztw":
+        return fail("--method ztw needs --warmup + --steps >= 2 (a cascade epoch before its ensemble epoch)")
     bad = [n for n in args.workers if args.batch % n]
     if bad:
         return fail(f"--batch {args.batch} does not split evenly over {bad[0]} workers")

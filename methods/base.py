@@ -36,12 +36,13 @@ class Strategy:
     """Subclasses implement `step`. `total_steps` is the number of `step` calls in the whole run,
     `steps_per_epoch` the number in one epoch (`step`'s `iteration` is global: epoch * steps_per_epoch + i)."""
 
-    # Several workers (workers.count > 1, bench/distributed.py): True when DDP's average of the workers'
-    # gradients on equal shares of the batch is this strategy's one-process update (an objective that is a
-    # mean over samples; no state, network or statistic of its own that a rank would compute from its share).
-    # workers.count > 1 is refused for the others.
+    # Several workers (workers.count > 1, bench/distributed.py): True when the strategy runs under DDP as its
+    # reference does, or (no DDP reference) as one process on the global batch: its own networks' gradients
+    # and its batch statistics averaged over the workers through `self.group` (see `distribute`).
+    # workers.count > 1 is refused for the others (a plug-in strategy must say it was made for DDP).
     distributed = False
-    sync_bn = True  # whether workers.sync_bn (SyncBatchNorm) may be used with it
+    # Why workers.sync_bn (SyncBatchNorm) cannot be used with it; None: it can.
+    sync_bn_refused: str | None = None
 
     def __init__(self, params: BaseModel, model: MultiExitNet, optimizer: torch.optim.Optimizer, *,
                  total_steps: int, steps_per_epoch: int | None = None, device: torch.device | str = "cpu",
@@ -57,6 +58,7 @@ class Strategy:
         # Without one (a strategy built outside the engine), the identity; strategies with their own
         # readout need it passed in (it needs the class count).
         self.readout = readout if readout is not None else Readout(model.num_exits, 0)
+        self.group = None  # the DDP worker group (bench.distributed.Workers) once `distribute` is called
 
     @classmethod
     def build_readout(cls, params: BaseModel, num_exits: int, num_classes: int) -> Readout:
@@ -71,8 +73,26 @@ class Strategy:
 
     def distribute(self, model: torch.nn.Module, group) -> None:
         """Several workers: train through `model`, the DDP-wrapped network (still the multi-exit contract);
-        `group` (bench.distributed.Workers) has the collectives a strategy with networks of its own needs."""
-        self.model = model
+        `group` (bench.distributed.Workers) has the collectives a strategy with networks of its own needs.
+        The readout's weights start as rank 0's (DDP does the same for the model's)."""
+        self.model, self.group = model, group
+        if any(True for _ in self.readout.parameters()):
+            group.broadcast(self.readout)
+
+    def worker_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The workers' mean of each tensor (each tensor itself in one process): a statistic of the batch that
+        one process would compute from the whole of it, from the workers' equal shares."""
+        return tensors if self.group is None else self.group.average(tensors)
+
+    def average_gradients(self, params) -> None:
+        """Under DDP, the workers' mean of the gradients of `params`, networks outside the DDP wrapper (a
+        readout's, a strategy's own), as DDP's reducer does for the model's; nothing in one process."""
+        if self.group is None:
+            return
+        params = [p for p in params if p.grad is not None]
+        if params:
+            for p, g in zip(params, self.group.average([p.grad for p in params])):
+                p.grad.copy_(g)
 
     def leaves_parameters_unused(self) -> bool:
         """Whether a step may give some trainable parameter no gradient (under DDP a graph walk per step
@@ -83,12 +103,14 @@ class Strategy:
         """Called once after every epoch's steps (epoch 0-based, `loader` the training batches), before
         validation and the checkpoint: where epoch-level methods (Meta-GF's fusion pass) do their work."""
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        """zero_grad, backward, step (through the AMP scaler when AMP is on)."""
+    def optimizer_step(self, loss: torch.Tensor, outside=()) -> None:
+        """zero_grad, backward, step (through the AMP scaler when AMP is on). `outside`: parameters of the
+        optimiser that the DDP wrapper does not hold (a readout's), their gradients averaged over the workers."""
         self.optimizer.zero_grad(set_to_none=True)
         if not loss.requires_grad:  # reaches nothing trainable (`last` on a frozen backbone): no update
             return
         self.scaler.scale(loss).backward()
+        self.average_gradients(outside)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 

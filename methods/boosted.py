@@ -18,6 +18,9 @@ readout's carry is detached. Defaults and where they come from:
 - loss_equal = false: train_imagenet.py's `--loss_equal` flag (off in its scripts): loss_k / m_k * mean_j m_j,
   m_k an exponential moving average of loss_k's value (`MomentumMeter`, momentum 0.9, first value taken
   as is), updated with this batch's losses before they are weighted.
+Several workers: as the reference's train_imagenet.py (DDP, `find_unused_parameters=True`): DDP averages the
+gradients of a mean over samples; loss_equal's averages are each worker's own (`meter.update(loss.item())` of
+the worker's loss), and checkpoints keep every worker's, so a resumed worker continues its own.
 The trial's own defaults are the reference's optimiser (SGD lr 0.1, momentum 0.9, weight decay 1e-4, x0.1 at
 50 % and 75 % of the epochs: `--lr_f 0.1 --lr_milestones 150,225 --epochs 300`). The readout costs C
 multiply-adds at every exit after the first.
@@ -67,11 +70,19 @@ class Boosted(Strategy):
     def build_readout(cls, params, num_exits, num_classes):
         return BoostedReadout(num_exits, num_classes, params.gamma)
 
+    distributed = True
+
     def __init__(self, params: BoostedParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
         if not isinstance(self.readout, BoostedReadout):
             raise TypeError("method boosted needs its readout: pass readout=build_readout(...)")
         self.loss_ema: list[float] | None = None  # loss_equal's moving averages, one per exit
+        self.loss_ema_ranks: list | None = None  # from a checkpoint of several workers: every worker's
+
+    def distribute(self, model, group):
+        super().distribute(model, group)
+        if self.loss_ema_ranks:  # this worker's own (rank 0's when the checkpoint had fewer workers)
+            self.loss_ema = self.loss_ema_ranks[group.rank if group.rank < len(self.loss_ema_ranks) else 0]
 
     def boundary(self, k, state):
         return equilibrium(k, state, self.model.num_exits, self.params.ge_scope)
@@ -96,8 +107,11 @@ class Boosted(Strategy):
         return measure(outputs, y, losses, objective)
 
     def state_dict(self):
-        return {**super().state_dict(), "loss_ema": self.loss_ema}
+        state = {**super().state_dict(), "loss_ema": self.loss_ema}
+        if self.group is not None:
+            state["loss_ema_ranks"] = self.group.gather(self.loss_ema)
+        return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.loss_ema = state.get("loss_ema")
+        self.loss_ema, self.loss_ema_ranks = state.get("loss_ema"), state.get("loss_ema_ranks")

@@ -14,6 +14,11 @@ read the last exit's width (its heads end in bottlenecks to 512 * expansion); he
 projection to the last exit's width owned by this strategy (identity when the widths already agree),
 trained by the hint with its own SGD at the model's learning rate. Defaults T = 3, alpha = 0.1, beta = 1e-6
 are the reference's argparse defaults. `beta: 0` drops the hint and works on any backbone.
+
+Several workers (the reference has no DDP; the one-process math on the global batch): CE and distillation are
+means over samples, which DDP's gradient average keeps; the hint is a sum over samples, so each worker weights
+its share's hint by the number of workers (their mean is then the global batch's sum). The projections start as
+rank 0's and their gradients are the workers' mean.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ class BYOTParams(Params):
 
 
 def byot_loss(logits: list[torch.Tensor], losses: torch.Tensor, p: BYOTParams,
-              projected: list[torch.Tensor] | None = None, last_embedding: torch.Tensor | None = None) -> torch.Tensor:
+              projected: list[torch.Tensor] | None = None, last_embedding: torch.Tensor | None = None,
+              hint_scale: float = 1.0) -> torch.Tensor:
     """The objective from the exits' logits, [N, K] CEs and (for beta > 0) the projected embeddings of exits
-    1..K-1 and the last exit's embedding."""
+    1..K-1 and the last exit's embedding; the hint (a sum over samples) times `hint_scale`."""
     T, a = p.temperature, p.alpha
     teacher = F.softmax(logits[-1].detach() / T, dim=1)
     objective = (1 - a) * losses.mean(0).sum()
@@ -47,13 +53,15 @@ def byot_loss(logits: list[torch.Tensor], losses: torch.Tensor, p: BYOTParams,
         target = last_embedding.detach()
         for f in projected:
             mask = ((f > 0) | (target > 0)).to(f.dtype)
-            objective = objective + p.beta * ((f - target) ** 2 * mask).sum()
+            objective = objective + hint_scale * p.beta * ((f - target) ** 2 * mask).sum()
     return objective
 
 
 @METHODS.register("byot", BYOTParams)
 class BYOT(Strategy):
     """Cross-entropy, distillation from the last exit and feature hints to its embedding (Be Your Own Teacher)."""
+
+    distributed = True
 
     def __init__(self, params: BYOTParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
@@ -68,6 +76,8 @@ class BYOT(Strategy):
         self.projections = nn.ModuleList(nn.Identity() if w == last else nn.Linear(w, last, bias=False)
                                          for w in widths[:-1])
         self.projections.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+        if self.group is not None:
+            self.group.broadcast(self.projections)
         group = self.optimizer.param_groups[0]
         params = list(self.projections.parameters())
         if params:
@@ -84,7 +94,8 @@ class BYOT(Strategy):
                     self._build_projections([e.shape[1] for e in embeddings])
                 projected = [proj(e) for proj, e in zip(self.projections, embeddings[:-1])]
                 losses = per_exit_ce(logits, y)
-                objective = byot_loss(logits, losses, self.params, projected, embeddings[-1])
+                objective = byot_loss(logits, losses, self.params, projected, embeddings[-1],
+                                      hint_scale=1 if self.group is None else self.group.size)
             else:
                 logits = self.model(x)
                 losses = per_exit_ce(logits, y)
@@ -97,6 +108,7 @@ class BYOT(Strategy):
             self.optimizer.zero_grad(set_to_none=True)
             self.projection_optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(objective).backward()
+            self.average_gradients(self.projections.parameters())
             self.scaler.step(self.optimizer)
             self.scaler.step(self.projection_optimizer)
             self.scaler.update()

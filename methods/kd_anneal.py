@@ -9,6 +9,10 @@ writes it. T starts at 1; after each step, if the teacher's mean max-probability
 `maxprob`, T is multiplied by `t_mult` (1.05). T is strategy state: checkpoints and resume keep it.
 Defaults c = 0.5, maxprob = 0.5, t_mult = 1.05 and global_scale s = 1 are the loss class's; the CIFAR
 script `train_cifar.py` sets s = 2 * 5 / K (pass `global_scale` to reproduce it).
+
+Several workers (the reference has no DDP; the one-process math on the global batch): the objective is a mean
+over samples (DDP's gradient average is exact) and the teacher's mean max-probability that drives T is the
+workers' mean, so every worker anneals T at the same steps as one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -30,19 +34,22 @@ class KDAnnealParams(Params):
 
 def kd_anneal_loss(logits: list[torch.Tensor], losses: torch.Tensor, p: KDAnnealParams,
                    temperature: float) -> tuple[torch.Tensor, float]:
-    """(objective, teacher's mean max-probability at `temperature`) from the exits' logits and [N, K] CEs."""
+    """(objective, teacher's mean max-probability at `temperature` (a 0-dim tensor)) from the exits' logits and
+    [N, K] CEs."""
     T, c = temperature, p.c
     teacher = F.softmax(logits[-1].detach() / T, dim=1)
     objective = (1 - c) * losses.mean(0).sum()
     for z in logits[:-1]:
         soft_ce = -(teacher * F.log_softmax(z / T, dim=1)).sum(1).mean()
         objective = objective + c * T * T * soft_ce
-    return objective * p.global_scale, float(teacher.max(1).values.mean())
+    return objective * p.global_scale, teacher.max(1).values.mean().detach()
 
 
 @METHODS.register("kd-anneal", KDAnnealParams)
 class KDAnneal(Strategy):
     """Cross-entropy plus distillation from the detached last exit, temperature annealed up (Phuong & Lampert)."""
+
+    distributed = True
 
     def __init__(self, params: KDAnnealParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
@@ -54,6 +61,7 @@ class KDAnneal(Strategy):
             losses = per_exit_ce(logits, y)
             objective, teacher_maxprob = kd_anneal_loss(logits, losses, self.params, self.temperature)
         self.optimizer_step(objective)
+        teacher_maxprob = float(self.worker_mean([teacher_maxprob.double()])[0])
         out = measure(logits, y, losses, objective)
         out.extras = {"temperature": self.temperature, "teacher_maxprob": teacher_maxprob}
         if teacher_maxprob > self.params.maxprob:

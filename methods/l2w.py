@@ -297,10 +297,9 @@ class L2W(Strategy):
 
     # Several workers as L2W-DEN's main_imagenet_DDP.py: the real steps through DDP; the pseudo step is this
     # rank's own (its gradients on its half batch, never through DDP); the WPN's meta-gradient is averaged over
-    # the ranks; weights normalised and exits allocated per rank. The meta step differentiates twice through
-    # BatchNorm, which SyncBatchNorm does not support.
+    # the ranks; weights normalised and exits allocated per rank.
     distributed = True
-    sync_bn = False
+    sync_bn_refused = "differentiates twice through BatchNorm, which SyncBatchNorm cannot"
 
     def __init__(self, params: L2WParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)

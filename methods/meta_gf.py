@@ -29,6 +29,13 @@ that Adam no longer holds and that do not require grad, so the a stop learning a
 its MultiStepLR is built with last_epoch=epochs, so the x0.1 milestone is never reached
 (`meta_lr_drop: null` reproduces the latter).
 
+Several workers (the reference trains on one device; the one-process math on the global batch): the model
+itself is never trained by a backward, so it stays outside DDP. Each copy's gradients and the fusion weights'
+gradients are the workers' mean (every loss is a mean over samples), so copies, fusion weights and fused model
+are the same on every worker; each worker's copies and fusion pass move their BatchNorm statistics on its
+share, and after the pass the model's statistics are rank 0's (DDP's convention for buffers). With sync_bn the
+copies use SyncBatchNorm too.
+
 The strategy state (checkpoint) holds the a, Adam's state and every copy's momentum; the copies' weights
 need not be saved, since each epoch rebuilds them from the model.
 """
@@ -88,6 +95,8 @@ def _values(name: str, given: list[float] | None, default: list[float], n: int) 
 class MetaGF(Strategy):
     """Meta-GF: K per-exit copies trained each epoch, fused per tensor with meta-learned sigmoid weights."""
 
+    distributed = True
+
     def __init__(self, params: MetaGFParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
         K = model.num_exits
@@ -104,6 +113,12 @@ class MetaGF(Strategy):
         self.alpha = torch.ones(K, len(self.names), device=self.device, requires_grad=True)
         self.meta_optimizer = torch.optim.Adam([self.alpha], lr=params.meta_lr)
         self.reach: torch.Tensor | None = None  # [K, P] bool, from the graph at every epoch's first batch
+
+    def distribute(self, model, group):
+        """Only the copies and the fusion weights learn by gradient: the model stays the plain network."""
+        super().distribute(model.module, group)
+        if group.sync_bn:  # in place, as the model's: each copy's optimiser keeps its parameters
+            self.copies = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(c) for c in self.copies]
 
     def reach_mask(self, x: torch.Tensor) -> torch.Tensor:
         """[K, P]: does exit k's output reach parameter p (the reference's ValidNodeslist)? Eval mode, so no
@@ -153,6 +168,7 @@ class MetaGF(Strategy):
                 objective = ce[k] + self.params.aux_scale * aux
             opt_k.zero_grad(set_to_none=True)
             self.scaler.scale(objective).backward()
+            self.average_gradients(model_k.parameters())
             self.scaler.step(opt_k)
             objectives.append(float(objective.detach()))
             exit_losses[k] = float(ce[k].detach())  # exit k as its own copy trains it (fusion keeps that head)
@@ -187,6 +203,7 @@ class MetaGF(Strategy):
         loss = fusion_loss(logits, y, self.meta_coeffs, epoch, self.epochs)
         self.meta_optimizer.zero_grad(set_to_none=False)
         loss.backward()
+        self.average_gradients([self.alpha])
         self.meta_optimizer.step()
         return {n: t.detach() for n, t in fused.items()}, float(loss.detach())
 
@@ -211,6 +228,8 @@ class MetaGF(Strategy):
             if fused is not None:
                 for n, p in self.model.named_parameters():
                     p.copy_(fused[n])
+        if self.group is not None:  # the pass's statistics: rank 0's on every worker
+            self.group.broadcast(self.model)
 
     def state_dict(self):
         return {**super().state_dict(), "alpha": self.alpha.detach().clone(),

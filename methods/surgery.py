@@ -7,9 +7,17 @@ parts that only the last head reads). Shared gradients are flattened into G [K, 
 does not reach a tensor, as the references' grad2vec fills them) and combined by the subclass's
 `combine`; own parameters keep their exit's gradient untouched. Cost: one forward and K backwards
 (exit k's backward runs through stages 1..k only) against uniform's one forward and one backward.
+
+Several workers (no DDP reference; the one-process math on the global batch): the forward runs through DDP
+without its reducer (`no_sync`; autograd.grad would not trigger it anyway), and every exit's gradients are
+averaged over the workers (one all-reduce of K x the reached parameters) before they are combined: each exit's
+loss is a mean over samples, so the workers' mean is exit k's gradient on the global batch, and every worker
+combines the same G into the same update.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +57,21 @@ class GradientSurgery(Strategy):
     """One forward, K per-exit backwards, `combine` on the shared parameters, one optimiser step.
     The reported objective is the uniform sum of exit losses (what the combined direction descends)."""
 
+    distributed = True
+
     def combine(self, G: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def worker_mean_per_exit(self, per_exit):
+        """Each exit's gradients, the workers' mean (under DDP; as they are in one process)."""
+        if self.group is None:
+            return per_exit
+        given = [g for grads in per_exit for g in grads if g is not None]
+        mean = iter(self.worker_mean(given)) if given else iter(())
+        return [tuple(None if g is None else next(mean) for g in grads) for grads in per_exit]
+
     def step(self, x, y, iteration):
-        with self.autocast():
+        with self.autocast(), self.model.no_sync() if self.group is not None else nullcontext():
             logits = self.model(x)
             # One scalar per exit, each from its own logits: a stacked [K] tensor would connect every exit's
             # graph to every other's (zero gradients instead of None), and no parameter would look own.
@@ -62,6 +80,7 @@ class GradientSurgery(Strategy):
         # Under AMP every exit loss carries the same scale; both combinations are positively homogeneous
         # (combine(s G) = s combine(G)), so the scaler's unscale and inf check still apply as usual.
         per_exit = exit_gradients([self.scaler.scale(loss) for loss in exit_loss], params)
+        per_exit = self.worker_mean_per_exit(per_exit)
         grads = surgery_gradients(per_exit, params, self.combine)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):

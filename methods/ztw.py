@@ -33,6 +33,10 @@ groups of it, as they are part of the head's Linear in the reference), like ever
 bench. The reference leaves the pretrained backbone's own classifier outside the cascade and ensembles;
 here every exit, the last included, is a trained head and gets both. W_k starts as nn.Linear(C, C) does.
 Readout cost per exit: k C for the ensemble, plus C^2 + 5 C for the cascade from exit 2 on.
+
+Several workers (the reference trains on one device; the one-process math on the global batch): both stages'
+objectives are means over samples; the model's gradients are DDP's mean, the readout's (cascade, ensembles;
+outside the DDP wrapper) the workers' mean by hand, and the readout starts as rank 0's.
 """
 
 from __future__ import annotations
@@ -117,6 +121,8 @@ class ZeroTimeWaste(Strategy):
     def build_readout(cls, params, num_exits, num_classes):
         return ZTWReadout(num_exits, num_classes, params.layer_norm)
 
+    distributed = True
+
     def __init__(self, params: ZTWParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
         if not isinstance(self.readout, ZTWReadout):
@@ -139,7 +145,7 @@ class ZeroTimeWaste(Strategy):
                 outputs = self.readout.cascaded(self.model(x))
                 losses = per_exit_ce(outputs, y)
                 objective = losses.mean(0).mean()
-            self.optimizer_step(objective)
+            self.optimizer_step(objective, outside=self.readout.cascade_parameters())
             return measure(outputs, y, losses, objective)
         # Stage 2: backbone, heads and cascade frozen (eval mode: BatchNorm statistics stay), ensembles learn.
         self.model.eval()
@@ -154,6 +160,7 @@ class ZeroTimeWaste(Strategy):
             group["lr"] = self.params.ensemble_lr * 0.5 * (1 + math.cos(math.pi * t))
         self.ensemble_optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        self.average_gradients(self.readout.ensemble_parameters())
         self.ensemble_optimizer.step()
         return measure(outputs, y, losses, objective)
 

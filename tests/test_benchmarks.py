@@ -70,7 +70,8 @@ def test_data_loading_bad_arguments(args, message):
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers: expected an integer >= 1, got '0'"),
     (["--workers", "1", "2", "--batch", "63"], "--batch 63 does not split evenly over 2 workers"),
-    (["--method", "pcgrad"], "--method 'pcgrad' does not run on several workers"),
+    (["--method", "ztw", "--warmup", "0", "--steps", "1"], "--method ztw needs --warmup + --steps >= 2"),
+    (["--method", "nope"], "--method 'nope' is not registered"),
 ])
 def test_ddp_scaling_bad_arguments(args, message):
     script = SCRIPT.parent / "ddp_scaling.py"

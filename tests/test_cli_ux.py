@@ -102,35 +102,6 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-@pytest.fixture
-def fresh_registries(monkeypatch):
-    """Empty-of-plugins copies of the three registries (the built-ins stay), so nothing registered leaks."""
-    import copy
-
-    import bench.backbones  # noqa: F401  (the built-ins register before the copies are made)
-    import bench.datasets.check  # noqa: F401  (first imported inside a test, it would keep that copy)
-    import methods  # noqa: F401
-
-    fresh = {}
-    for name in ("METHODS", "BACKBONES", "DATASETS"):
-        original = getattr(registry, name)
-        reg = copy.copy(original)
-        reg._entries, reg._presets = dict(reg._entries), dict(reg._presets)
-        fresh[name] = reg
-        # Every module that looks the registry up as its own global (e.g. bench.datasets.splits' make_splits).
-        for module_name, module in list(sys.modules.items()):
-            if module_name.partition(".")[0] in ("bench", "methods") and getattr(module, name, None) is original:
-                monkeypatch.setattr(module, name, reg)
-    monkeypatch.setattr(registry, "_included", [])
-    monkeypatch.setattr(sys, "path", list(sys.path))  # include() adds the plugins' folders
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    before = set(sys.modules)
-    yield fresh
-    for name in set(sys.modules) - before:
-        if name.startswith(("readme_", "plugin_", "fakeplug")):
-            del sys.modules[name]
-
-
 def test_readme_dataset_snippet_passes_data_check(run_cli, fresh_registries, tmp_path):
     """The README's dataset, in a file of its own, loaded with --include: `data check` prints its splits."""
     dataset_src = next(b for b in _python_blocks() if "DATASETS.register" in b)

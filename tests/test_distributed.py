@@ -1,9 +1,11 @@
 """One trial on several workers (bench/distributed.py).
 
 Math: two gloo processes (torch.multiprocessing, no Ray) run the strategies through `Workers`, the seam
-bench.train.run gives every rank; the results are compared with one process on the whole batch (uniform, GE,
-distill) and with L2W-DEN's DDP rule written out here (each rank's pseudo step on its own half batch, the
-WPN meta-gradient averaged). Ray: sweeps and `exitbench train` with 2-worker trials on the shared local Ray.
+bench.train.run gives every rank; the results are compared with one process on the whole batch (every strategy
+without a DDP reference: its one-process math on the global batch), with L2W-DEN's DDP rule written out here
+(each rank's pseudo step on its own half batch, the WPN meta-gradient averaged) and with Boosted's
+train_imagenet.py rule (loss_equal's averages per rank). Ray: sweeps and `exitbench train` with 2-worker trials
+on the shared local Ray.
 """
 
 from __future__ import annotations
@@ -37,10 +39,51 @@ def _batches(steps: int, n: int = BATCH):
     return [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(steps)]
 
 
-def _strategy(name, params, model, steps):
+def _strategy(name, params, model, steps, steps_per_epoch=None):
+    from bench.readout import build_readout
+
     load_all()
+    readout = build_readout({"name": name, **params}, model.num_exits, 10)
     opt = torch.optim.SGD(model.parameters(), **OPTIM)
-    return METHODS.build(name, params, model=model, optimizer=opt, total_steps=steps, steps_per_epoch=steps)
+    return METHODS.build(name, params, model=model, optimizer=opt, total_steps=steps,
+                         steps_per_epoch=steps_per_epoch or steps, readout=readout)
+
+
+# Strategies without a DDP reference: two workers on half batches are one process on the whole batch.
+# (name, params, steps, steps per epoch); an epoch's end runs after its last step (Meta-GF's fusion pass).
+# ztw: one epoch of cascade training, then one of ensembles; byot's hint weighted up to matter at 1e-5.
+ONE_PROCESS = [("uniform", {}, STEPS, STEPS), ("ge", {}, STEPS, STEPS), ("distill", {"temperature": 3.0}, STEPS, STEPS),
+               ("pcgrad", {}, STEPS, STEPS), ("cagrad", {}, STEPS, STEPS), ("kd-anneal", {"maxprob": 0.05}, 3, 3),
+               ("byot", {"beta": 0.05}, STEPS, STEPS), ("boosted", {}, STEPS, STEPS), ("ztw", {}, 2, 1),
+               ("meta-gf", {}, STEPS, STEPS)]
+BOOSTED_EQUAL = {"ge": False, "loss_equal": True}
+
+
+def _train(strategy, model, batches, steps_per_epoch, rank_share=slice(None)):
+    """The strategy's steps on `batches` (this share of each), model in eval mode (BatchNorm on running
+    statistics: per sample, so a split batch gives the same update); the epochs' ends after their last step.
+    Returns what each step reported."""
+    model.eval()
+    outs = []
+    for i, (x, y) in enumerate(batches):
+        outs.append(strategy.step(x[rank_share], y[rank_share], i))
+        if (i + 1) % steps_per_epoch == 0:
+            start = i + 1 - steps_per_epoch
+            strategy.end_epoch(i // steps_per_epoch, [(bx[rank_share], by[rank_share])
+                                                     for bx, by in batches[start:i + 1]])
+    return outs
+
+
+def _trained(strategy, model):
+    """Everything a step may change: the model, the strategy's readout and its own learned tensors."""
+    nets = [model, strategy.readout]
+    if getattr(strategy, "projections", None) is not None:
+        nets.append(strategy.projections)
+    flat = _flat(nets)
+    if hasattr(strategy, "alpha"):  # Meta-GF's fusion weights of the tensors two or more exits reach (of the
+        # others the gradient is 0 but for rounding, which Adam's normalisation magnifies; they fuse nothing)
+        flat = torch.cat([flat, strategy.alpha.detach()[:, strategy.reach.sum(0) >= 2].reshape(-1)])
+    return flat
 
 
 def _flat(modules) -> torch.Tensor:
@@ -65,18 +108,41 @@ def _rank(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     results = {}
     share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    for name, params, steps in (("uniform", {}, STEPS), ("ge", {}, STEPS), ("distill", {"temperature": 3.0}, STEPS),
-                                ("l2w", L2W, 1), ("l2w", L2W, 3), ("l2w", dict(L2W, meta_grad="jvp"), 1)):
-        model = _model()
-        strategy = _strategy(name, params, model, steps)
+
+    def workers(name, params, model, steps, steps_per_epoch=None):
+        strategy = _strategy(name, params, model, steps, steps_per_epoch)
+        if rank == 1:  # rank 0's start must reach every rank: the readout's and what a strategy builds later
+            with torch.no_grad():
+                for p in strategy.readout.parameters():
+                    p.add_(torch.randn_like(p))
+            torch.manual_seed(1234)
         group = Workers(validate_trial({"batch_size": BATCH, "method": name, "workers": {"count": 2}}), "cpu")
         group.wrap(strategy, model)
-        if name != "l2w":
-            model.eval()  # BatchNorm on running statistics: per sample, so a split batch gives the same update
+        return strategy
+
+    for name, params, steps, per_epoch in ONE_PROCESS:
+        model = _model()
+        strategy = workers(name, params, model, steps, per_epoch)
+        outs = _train(strategy, model, _batches(steps), per_epoch, share)
+        results[name] = _trained(strategy, model)
+        results[f"{name}-extras"] = [o.extras for o in outs]
+    for params, steps in ((L2W, 1), (L2W, 3), (dict(L2W, meta_grad="jvp"), 1)):
+        model = _model()
+        strategy = workers("l2w", params, model, steps)
         for i, (x, y) in enumerate(_batches(steps)):
             strategy.step(x[share], y[share], i)
-        nets = [model, strategy.wpn] if name == "l2w" else [model]
-        results[f"{name}-{params.get('meta_grad', '')}-{steps}".replace("--", "-")] = _flat(nets)
+        results[f"l2w-{params['meta_grad']}-{steps}"] = _flat([model, strategy.wpn])
+    # Boosted's loss_equal: each rank's own averages; a checkpoint keeps both, and each rank resumes its own
+    model = _model()
+    strategy = workers("boosted", BOOSTED_EQUAL, model, STEPS)
+    _train(strategy, model, _batches(STEPS), STEPS, share)
+    state = strategy.state_dict()
+    resumed = _strategy("boosted", BOOSTED_EQUAL, _model(), STEPS)
+    resumed.load_state_dict(state)
+    Workers(validate_trial({"batch_size": BATCH, "method": "boosted", "workers": {"count": 2}}), "cpu").wrap(
+        resumed, resumed.model)
+    results["boosted-equal"] = _flat([model])
+    results["boosted-equal-state"] = (state["loss_ema"], state["loss_ema_ranks"], resumed.loss_ema)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -88,18 +154,116 @@ def two_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("name, params", [("uniform", {}), ("ge", {}), ("distill", {"temperature": 3.0})])
-def test_two_workers_of_half_batches_step_as_one_process_of_the_whole(two_ranks, name, params):
+@pytest.mark.parametrize("name, params, steps, per_epoch", ONE_PROCESS, ids=[c[0] for c in ONE_PROCESS])
+def test_two_workers_of_half_batches_step_as_one_process_of_the_whole(two_ranks, name, params, steps, per_epoch):
     model = _model()
-    strategy = _strategy(name, params, model, STEPS)
-    model.eval()
-    for i, (x, y) in enumerate(_batches(STEPS)):
-        strategy.step(x, y, i)
-    one = _flat([model])
+    strategy = _strategy(name, params, model, steps, per_epoch)
+    start = _flat([model])
+    outs = _train(strategy, model, _batches(steps), per_epoch)
+    one = _trained(strategy, model)
+    assert (_flat([model]) - start).abs().max() > 1e-3  # the steps did something
     for rank in two_ranks:
-        moved = (rank[f"{name}-{STEPS}"] - _flat([_model()])).abs().max()
-        assert moved > 1e-3  # the steps did something
-        torch.testing.assert_close(rank[f"{name}-{STEPS}"], one, rtol=0, atol=1e-5)
+        torch.testing.assert_close(rank[name], one, rtol=0, atol=1e-5)
+        for theirs, ours in zip(rank[f"{name}-extras"], outs):  # kd-anneal's T and the teacher's max-probability
+            assert theirs.keys() == ours.extras.keys()
+            assert theirs == pytest.approx(ours.extras, abs=1e-6)
+    if name == "kd-anneal":  # T moved, by the global batch's statistic
+        assert outs[-1].extras["temperature"] > 1.0
+
+
+def test_boosted_loss_equal_on_two_workers_is_train_imagenet_rule(two_ranks):
+    """Boosted's train_imagenet.py under DDP, written out: each rank's loss_equal averages from its own losses
+    (`meter.update(loss.item())`), its objective sum_k loss_k / ema_k * mean(ema) on its share, the model's
+    gradient the ranks' mean (DDP), one SGD step; a checkpoint keeps both ranks' averages."""
+    model = _model()
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), **OPTIM)
+    emas: list[list[float] | None] = [None, None]
+    for x, y in _batches(STEPS):
+        grads = []
+        for r in range(2):
+            xs, ys = x[r * 32:(r + 1) * 32], y[r * 32:(r + 1) * 32]
+            outputs, carry = [], None
+            for z in model(xs):
+                carry = z if carry is None else z + 0.5 * carry.detach()
+                outputs.append(carry)
+            loss = [F.cross_entropy(o, ys) for o in outputs]
+            values = [float(v.detach()) for v in loss]
+            emas[r] = values if emas[r] is None else [0.9 * e + 0.1 * v for e, v in zip(emas[r], values)]
+            mean = sum(emas[r]) / len(emas[r])
+            objective = sum(v / e * mean for v, e in zip(loss, emas[r]))
+            grads.append(torch.autograd.grad(objective, list(model.parameters())))
+        for p, *per_rank in zip(model.parameters(), *grads):
+            p.grad = sum(per_rank) / 2
+        opt.step()
+        opt.zero_grad()
+    assert emas[0] != pytest.approx(emas[1])  # the ranks' averages differ, so the rule is per rank
+    for r, rank in enumerate(two_ranks):
+        torch.testing.assert_close(rank["boosted-equal"], _flat([model]), rtol=0, atol=1e-5)
+        own, every, resumed = rank["boosted-equal-state"]
+        assert own == pytest.approx(emas[r], abs=1e-6) and resumed == pytest.approx(emas[r], abs=1e-6)
+        assert all(theirs == pytest.approx(ours, abs=1e-6) for theirs, ours in zip(every, emas, strict=True))
+
+
+# The engine (bench.train.run) on two gloo ranks, training mode and per-rank BatchNorm statistics as in a real
+# trial: every strategy keeps its ranks' parameters identical through a whole run, its epochs' ends included.
+ENGINE = ["pcgrad", "cagrad", "kd-anneal", "byot", {"name": "boosted", "loss_equal": True}, "ztw", "meta-gf"]
+
+
+def _engine_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from test_tune import TINY
+
+    from bench import train
+    from bench.config import validate_trial
+    from bench.distributed import Workers
+
+    class Keep(Workers):  # every rank's checkpoint state, which only rank 0 writes
+        def save(self, path, state):
+            self.state = state
+            super().save(path, state)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    for method in ENGINE:
+        cfg = validate_trial({**TINY, "method": method, "epochs": 3, "workers": {"count": 2}, "progress": False})
+        group = Keep(cfg, "cpu")
+        record = train.run(cfg, f"{out}/rank{rank}-{cfg.method['name']}", group=group)
+        params = [n for n, _ in backbones.build(cfg.backbone, 4, 1, 8).named_parameters()]  # not the buffers
+        results[cfg.method["name"]] = {
+            "params": torch.cat([group.state["model"][n].reshape(-1) for n in params]),
+            "buffers": torch.cat([t.reshape(-1).double() for n, t in group.state["model"].items() if n not in params]),
+            "readout": [t.clone() for t in group.state["readout"].values()],
+            "strategy": group.state["strategy"], "epochs": [e["loss"] for e in record.epochs],
+            "exits": [e["top1"] for e in record.exits]}
+    torch.save(results, f"{out}/engine{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_engine_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    mp.spawn(_engine_rank, args=(_free_port(), str(out)), nprocs=2)
+    return [torch.load(out / f"engine{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", [m if isinstance(m, str) else m["name"] for m in ENGINE])
+def test_every_strategy_keeps_its_ranks_identical_through_the_engine(two_engine_ranks, method):
+    first, second = (rank[method] for rank in two_engine_ranks)
+    assert torch.equal(first["params"], second["params"])
+    assert all(torch.equal(a, b) for a, b in zip(first["readout"], second["readout"], strict=True))
+    assert first["epochs"] == second["epochs"] and first["exits"] == second["exits"]  # reduced; rank 0's evaluation
+    assert len(first["epochs"]) == 3 and all(0 <= t <= 100 for t in first["exits"])
+    if method == "boosted":  # loss_equal's averages are per rank (train_imagenet.py), both kept
+        ema = first["strategy"]["loss_ema_ranks"]
+        assert ema == second["strategy"]["loss_ema_ranks"] and ema[0] != ema[1]
+    if method == "meta-gf":  # and the model's BatchNorm statistics: rank 0's after each fusion pass
+        assert torch.equal(first["strategy"]["alpha"], second["strategy"]["alpha"])
+        assert torch.equal(first["buffers"], second["buffers"])
+    if method == "kd-anneal":
+        assert first["strategy"]["temperature"] == second["strategy"]["temperature"]
 
 
 def test_l2w_ranks_stay_identical(two_ranks):
@@ -265,7 +429,6 @@ def test_killed_driver_resumes_the_distributed_trial_from_its_checkpoint(ray_ses
     (["workers.count=0"], "workers.count: Input should be greater than or equal to 1"),
     (["workers.count=2", "batch_size=63"], "batch_size=63 is the global batch and must split evenly over "
                                            "workers.count=2"),
-    (["workers.count=2", "method=pcgrad"], "method 'pcgrad' does not run on several workers"),
     (["workers.count=2", "method=l2w", "workers.sync_bn=true", "workers.gpu=1"], "workers.sync_bn: method 'l2w'"),
     (["workers.count=2", "workers.sync_bn=true"], "workers.sync_bn: torch's SyncBatchNorm runs on GPUs only"),
     (["workers.count=2", "workers.cpu=64"], "workers: 2 x (cpu=64, gpu=0) is more than this machine has"),
@@ -275,6 +438,21 @@ def test_bad_worker_settings_are_one_line_exit_2(run_cli, tmp_path, overrides, m
 
     code, out, err = run_cli("train", *overrides, f"out_dir={tmp_path / 'run'}")
     assert code == 2 and message in one_line(err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plugin_strategy_not_made_for_ddp_is_refused_on_several_workers(run_cli, fresh_registries, tmp_path):
+    """Every built-in strategy runs on several workers; a plug-in one must say so (`distributed = True`)."""
+    from test_tune import one_line
+
+    (tmp_path / "plugin_plain.py").write_text(
+        "from bench.registry import METHODS, Params\nfrom methods.base import Strategy\n\n\n"
+        "@METHODS.register('plain-plug', Params)\nclass Plain(Strategy):\n    \"\"\"A plugin method.\"\"\"\n")
+    code, out, err = run_cli("--include", tmp_path / "plugin_plain.py", "train", "workers.count=2",
+                             "method=plain-plug", f"out_dir={tmp_path / 'run'}")
+    assert code == 2 and "method 'plain-plug' does not run on several workers" in one_line(err), err
+    assert all(name in one_line(err) for name in ("pcgrad", "cagrad", "meta-gf", "ztw", "boosted", "byot",
+                                                  "kd-anneal", "l2w", "uniform"))
     assert not (tmp_path / "run").exists()
 
 

@@ -160,7 +160,7 @@ def test_kd_anneal_objective_at_a_temperature():
     objective, maxprob = kd_anneal_loss(logits, losses, p, T)
     hand = 1.5 * ((1 - 0.3) * sum(ce(v) for v in z) + 0.3 * T * T * sum(soft_ce(z[2], v, T) for v in z[:2]))
     assert float(objective.detach()) == pytest.approx(hand, abs=1e-6)
-    assert maxprob == pytest.approx(float(softmax(z[2], T).max(1).mean()), abs=1e-12)
+    assert float(maxprob) == pytest.approx(float(softmax(z[2], T).max(1).mean()), abs=1e-12)
     objective.backward()
     assert logits[2].grad is not None  # through its own CE; the teacher side is detached
 
