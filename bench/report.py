@@ -879,12 +879,31 @@ def footnotes(agg: pd.DataFrame) -> list[str]:
 LINESTYLES = ("-", "--", ":", "-.")
 
 
+PALETTE_SIZE = 10  # seaborn's colorblind palette
+
+
 def method_palette(methods) -> dict[str, tuple]:
-    """One colour per method, fixed by the sorted method names."""
+    """One colour per method, fixed by the sorted method names: seaborn's colorblind palette. Past ten methods
+    the colours repeat, and each repeat draws its lines in other styles (`_line_style`) and its bars hatched
+    (`_hatch`): evenly spaced hues (husl) grow too close to tell neighbours apart."""
     import seaborn as sns
 
-    names = sorted(set(methods))
-    return dict(zip(names, sns.color_palette("colorblind" if len(names) <= 10 else "husl", len(names))))
+    colours = sns.color_palette("colorblind", PALETTE_SIZE)
+    return {name: colours[i % PALETTE_SIZE] for i, name in enumerate(sorted(set(methods)))}
+
+
+def _repeat(palette: dict[str, tuple], method: str) -> int:
+    """How many times the palette had gone round before `method`'s colour (0 for the first ten methods)."""
+    return sorted(palette).index(method) // PALETTE_SIZE
+
+
+def _line_style(palette: dict[str, tuple], method: str, variant: int) -> str:
+    """A method's variants take the line styles in turn; a repeated colour starts two styles further on."""
+    return LINESTYLES[(variant + 2 * _repeat(palette, method)) % len(LINESTYLES)]
+
+
+def _hatch(palette: dict[str, tuple], method: str) -> str | None:
+    return (None, "//", "..", "xx")[_repeat(palette, method) % 4]
 
 
 def _axes(n_rows: int, n_cols: int = 1, width: float = 6.5, height: float = 4.0):
@@ -934,7 +953,7 @@ def _series(g: pd.DataFrame, agg: pd.DataFrame, palette: dict[str, tuple]):
             text = f"{grp['display'].iloc[0]} · n = {n}" + (f" of {full}" if n < full else "")
             text += f" ({', '.join(notes)})" if notes else ""
             text += f": no CI (n < {MIN_SEEDS_FOR_CI})" if n < MIN_SEEDS_FOR_CI else ""
-            yield grp["trial_id"].to_numpy(), palette[method], LINESTYLES[j % len(LINESTYLES)], text
+            yield grp["trial_id"].to_numpy(), palette[method], _line_style(palette, method, j), text
 
 
 def _legend(ax, ci_handle, with_ci: bool) -> None:
@@ -1059,7 +1078,7 @@ def _differences_figure(out, pairs, curves, groups, palette, note) -> list[Path]
                 label = f"{grp['label'].iloc[0]} · n = {n} pairs" + (
                     f": no CI (n < {MIN_SEEDS_FOR_CI})" if n < MIN_SEEDS_FOR_CI else "")
                 colour = palette[method]
-                ax.plot(DIFF_GRID, mean, color=colour, linestyle=LINESTYLES[j % len(LINESTYLES)], label=label)
+                ax.plot(DIFF_GRID, mean, color=colour, linestyle=_line_style(palette, method, j), label=label)
                 ax.fill_between(DIFF_GRID, lo, hi, where=complete & np.isfinite(lo), color=colour, alpha=0.15,
                                 linewidth=0)
         ax.axhline(0, color="black", linewidth=0.8)
@@ -1141,7 +1160,7 @@ def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[
                 step = sum(1 for m, *_ in means.index[:j] if m == method) / n_methods[method] * 0.55
                 colour = tuple(c + (1 - c) * step for c in palette[method])
                 ax.bar(np.arange(1, width + 1) - 0.4 + bar * (j + 0.5), values.to_numpy(), bar, color=colour,
-                       label=f"{label}{dagger}")
+                       hatch=_hatch(palette, method), edgecolor="white", linewidth=0, label=f"{label}{dagger}")
             ax.set(title=f"budget p={p:g} · {cost.min() / scale:.3g}–{cost.max() / scale:.3g} {unit} MACs",
                    xlabel="exit", ylim=(0, 1), xticks=np.arange(1, width + 1),
                    ylabel=f"{dataset} · {backbone}\nfraction of test samples" if col == 0 else "")

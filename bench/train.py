@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,39 @@ class OneProcess:
         save_checkpoint(path, state)
 
 
+@dataclass
+class TrialParts:
+    """What a trial trains, as `build_trial` makes it."""
+
+    bundle: Any  # the data (bench.datasets' bundle; its training loader this process's share)
+    model: torch.nn.Module
+    readout: Any  # bench.readout.Readout
+    optimizer: torch.optim.Optimizer
+    regime: Regime
+    strategy: Any  # methods.base.Strategy (or the regime's phased pair)
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_trial(cfg: TrialConfig, device: torch.device, group: OneProcess | None = None) -> TrialParts:
+    """Data, backbone, readout, optimiser, regime and strategy of a trial, in the engine's order (the seeded
+    random stream each draws from depends on it; seed first). `group`: this process's share of the data."""
+    from bench.readout import build_readout
+
+    bundle = (group or OneProcess()).shard(datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device))
+    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
+    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes).to(device)
+    steps_per_epoch = len(bundle.train)
+    if steps_per_epoch == 0:
+        raise UsageError(f"the training split has {bundle.info.get('train_size')} samples: fewer than one batch")
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(cfg.optim, model)
+    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)  # joint, or two phases (bench/regime.py)
+    strategy = regime.build_strategy(cfg.method, model=model, optimizer=optimizer, total_steps=total_steps,
+                                     steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp, readout=readout)
+    return TrialParts(bundle, model, readout, optimizer, regime, strategy, steps_per_epoch, total_steps)
+
+
 def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochCallback | None = None,
         resume: bool = True, trial_id: str | None = None, sweep: str | None = None,
         group: OneProcess | None = None) -> ResultRecord:
@@ -265,25 +299,17 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
-    bundle = group.shard(datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device))
-    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size).to(device)
+    parts = build_trial(cfg, device, group)
+    bundle, model, readout, optimizer, regime, strategy = (
+        parts.bundle, parts.model, parts.readout, parts.optimizer, parts.regime, parts.strategy)
+    steps_per_epoch, total_steps = parts.steps_per_epoch, parts.total_steps
 
     from bench.flops import per_exit_cost
-    from bench.readout import build_readout, readout_macs
+    from bench.readout import readout_macs
 
-    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes).to(device)
     cost = per_exit_cost(model, bundle.image_size, bundle.in_channels)
     readout_cost = readout_macs(readout)
     macs = [e.macs + r for e, r in zip(cost.exits, readout_cost)]
-
-    steps_per_epoch = len(bundle.train)
-    if steps_per_epoch == 0:
-        raise UsageError(f"the training split has {bundle.info.get('train_size')} samples: fewer than one batch")
-    total_steps = cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(cfg.optim, model)
-    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)  # joint, or two phases (bench/regime.py)
-    strategy = regime.build_strategy(cfg.method, model=model, optimizer=optimizer, total_steps=total_steps,
-                                     steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp, readout=readout)
     # After the strategy: parameter groups it adds (a readout's weights) follow the schedule too.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(cfg.schedule, *regime.schedule_position(min(it, total_steps - 1)),

@@ -55,25 +55,17 @@ def loader_rate(dataset, workers: int, batch_size: int, max_batches: int | None 
 
 def trial_profile(path: str, method: str, threads: int, steps: int) -> None:
     """Seconds per training step spent in the loader (next batch) and in the strategy's step, for one trial."""
-    from bench import backbones
     from bench.config import load_sweep, validate_trial
-    from bench.readout import build_readout
-    from bench.regime import Regime
-    from bench.train import build_optimizer
+    from bench.train import build_trial
 
     sweep = load_sweep(path)
-    cfg = validate_trial({**sweep.base.model_dump(mode="json"), "method": {"name": method}, "threads": threads})
+    cfg = validate_trial({**sweep.base.model_dump(mode="json"), "method": {"name": method}, "threads": threads,
+                          "seed": 0, "amp": False})
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    bundle = datasets.build(cfg.data, cfg.batch_size, seed=0, device=torch.device("cpu"))
-    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
-    steps_per_epoch = len(bundle.train)
-    optimizer = build_optimizer(cfg.optim, model)
-    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)
-    strategy = regime.build_strategy(cfg.method, model=model, optimizer=optimizer, total_steps=cfg.epochs *
-                                     steps_per_epoch, steps_per_epoch=steps_per_epoch, device=torch.device("cpu"),
-                                     amp=False, readout=build_readout(cfg.method, model.num_exits, bundle.num_classes))
-    regime.begin_epoch(0, model, optimizer)
+    trial = build_trial(cfg, torch.device("cpu"))
+    bundle, strategy, steps_per_epoch = trial.bundle, trial.strategy, trial.steps_per_epoch
+    trial.regime.begin_epoch(0, trial.model, trial.optimizer)
     waits, computes = [], []
     batches = iter(bundle.train)
     for i in range(min(steps + 3, steps_per_epoch)):

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from toys import ChainNet
 
-from bench.backbones.contract import MultiExitNet
 from bench.errors import ConfigError
 from bench.readout import build_readout, readout_outputs
 from bench.registry import METHODS, load_all
@@ -13,21 +12,6 @@ from bench.registry import METHODS, load_all
 load_all()
 
 
-class ChainNet(MultiExitNet):
-    """K linear stages on a vector state, a linear head per stage (float64, no BN)."""
-
-    def __init__(self, K=3, d=4, classes=3):
-        super().__init__()
-        self.num_exits = K
-        self.stages = nn.ModuleList(nn.Linear(d, d) for _ in range(K))
-        self.heads = nn.ModuleList(nn.Linear(d, classes) for _ in range(K))
-        self.double()
-
-    def stage(self, k, state):
-        return torch.tanh(self.stages[k](state))
-
-    def head(self, k, state):
-        return self.heads[k](state)
 
 
 def data(n=8, d=4, classes=3, seed=0):

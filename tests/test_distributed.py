@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -96,16 +98,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: every scenario on this rank's half of each global batch."""
-    import torch.distributed as dist
+def _two_ranks(scenarios, out) -> list[dict]:
+    """`scenarios(rank)` on two gloo ranks (fresh processes); what each rank returned."""
+    mp.spawn(_joined, args=(scenarios, _free_port(), str(out)), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
-    from bench.config import validate_trial
-    from bench.distributed import Workers
+
+def _joined(rank: int, scenarios, port: int, out: str) -> None:
+    import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    torch.save(scenarios(rank), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _rank(rank: int) -> dict:
+    """Every scenario on this rank's half of each global batch."""
+    from bench.config import validate_trial
+    from bench.distributed import Workers
+
     results = {}
     share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
 
@@ -143,15 +156,12 @@ def _rank(rank: int, port: int, out: str) -> None:
         resumed, resumed.model)
     results["boosted-equal"] = _flat([model])
     results["boosted-equal-state"] = (state["loss_ema"], state["loss_ema_ranks"], resumed.loss_ema)
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return _two_ranks(_rank, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.mark.parametrize("name, params, steps, per_epoch", ONE_PROCESS, ids=[c[0] for c in ONE_PROCESS])
@@ -210,8 +220,7 @@ def test_boosted_loss_equal_on_two_workers_is_train_imagenet_rule(two_ranks):
 ENGINE = ["pcgrad", "cagrad", "kd-anneal", "byot", {"name": "boosted", "loss_equal": True}, "ztw", "meta-gf"]
 
 
-def _engine_rank(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
+def _engine_rank(rank: int) -> dict:
     from test_tune import TINY
 
     from bench import train
@@ -223,9 +232,7 @@ def _engine_rank(rank: int, port: int, out: str) -> None:
             self.state = state
             super().save(path, state)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+    out = tempfile.mkdtemp(prefix="engine-")
     results = {}
     for method in ENGINE:
         cfg = validate_trial({**TINY, "method": method, "epochs": 3, "workers": {"count": 2}, "progress": False})
@@ -238,15 +245,13 @@ def _engine_rank(rank: int, port: int, out: str) -> None:
             "readout": [t.clone() for t in group.state["readout"].values()],
             "strategy": group.state["strategy"], "epochs": [e["loss"] for e in record.epochs],
             "exits": [e["top1"] for e in record.exits]}
-    torch.save(results, f"{out}/engine{rank}.pt")
-    dist.destroy_process_group()
+    shutil.rmtree(out)
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_engine_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine")
-    mp.spawn(_engine_rank, args=(_free_port(), str(out)), nprocs=2)
-    return [torch.load(out / f"engine{r}.pt", weights_only=False) for r in range(2)]
+    return _two_ranks(_engine_rank, tmp_path_factory.mktemp("engine"))
 
 
 @pytest.mark.parametrize("method", [m if isinstance(m, str) else m["name"] for m in ENGINE])

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_surgery import ChainNet, resume_equals_uninterrupted
+from test_surgery import resume_equals_uninterrupted
+from toys import ChainNet
 
 from bench.errors import ConfigError
 from bench.registry import METHODS, load_all
@@ -64,7 +65,7 @@ def fused_by_hand(strategy, alpha, K):
 def test_copy_k_trains_on_its_exit_plus_weighted_others():
     """K = 3, c = [1, 1, 0.6], aux 0.1: copy k steps on CE_k + 0.1 sum_{j != k} c_j CE_j; the model is untouched."""
     torch.manual_seed(0)
-    model = ChainNet(K=3)
+    model = ChainNet(d=3, K=3)
     strategy = build(model, lr=0.5)
     x, y = batch()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -86,7 +87,7 @@ def test_copy_k_trains_on_its_exit_plus_weighted_others():
 def test_fusion_of_fixed_copies_with_fixed_weights():
     torch.manual_seed(0)
     K = 3
-    strategy = build(ChainNet(K=K))
+    strategy = build(ChainNet(d=3, K=K))
     x, _ = batch()
     strategy.reach = strategy.reach_mask(x)
     names = [n for n, _ in strategy.model.named_parameters()]
@@ -115,7 +116,7 @@ def test_one_meta_step_is_adam_on_the_fusion_loss():
     """Adam's first step: alpha - lr * g / (|g| + eps) elementwise (both moments bias-corrected)."""
     torch.manual_seed(0)
     K = 2
-    strategy = build(ChainNet(K=K), epochs=4)
+    strategy = build(ChainNet(d=3, K=K), epochs=4)
     x, y = batch()
     strategy.reach = strategy.reach_mask(x)
     randomise(strategy)
@@ -135,7 +136,7 @@ def test_end_epoch_adam_trailing_step_ema_and_new_model():
     alpha = 0.1 * alpha_after + 0.9 * alpha_before; the model holds the batch's fused weights (alpha before)."""
     torch.manual_seed(0)
     K = 2
-    strategy = build(ChainNet(K=K), epochs=4)
+    strategy = build(ChainNet(d=3, K=K), epochs=4)
     x, y = batch()
     strategy.reach = strategy.reach_mask(x)
     randomise(strategy)
@@ -151,15 +152,15 @@ def test_end_epoch_adam_trailing_step_ema_and_new_model():
     for n, p in strategy.model.named_parameters():
         torch.testing.assert_close(p.detach(), want_model[n], rtol=1e-12, atol=1e-12)
     assert strategy.meta_lr(1) == 0.1 and strategy.meta_lr(2) == pytest.approx(0.01)  # x0.1 from half of 4 epochs
-    assert build(ChainNet(K=K), epochs=4, meta_lr_drop=None).meta_lr(3) == 0.1
+    assert build(ChainNet(d=3, K=K), epochs=4, meta_lr_drop=None).meta_lr(3) == 0.1
 
 
 def test_defaults_cover_seven_exits_and_say_what_to_give_beyond():
     with pytest.raises(ConfigError, match=r"method.aux_weights: .* needs 8; give method.aux_weights as a list of 8"):
-        build(ChainNet(K=8))
-    build(ChainNet(K=8), aux_weights=[1.0] * 8, meta_coeffs=[0.1] * 7)
+        build(ChainNet(d=3, K=8))
+    build(ChainNet(d=3, K=8), aux_weights=[1.0] * 8, meta_coeffs=[0.1] * 7)
     with pytest.raises(ConfigError, match="method.meta_coeffs: this backbone needs 2 values, got 1"):
-        build(ChainNet(K=3), meta_coeffs=[0.1])
+        build(ChainNet(d=3, K=3), meta_coeffs=[0.1])
 
 
 @pytest.mark.slow
@@ -175,7 +176,7 @@ def test_meta_gf_resume_equals_uninterrupted(tmp_path):
 def test_frozen_parameters_stay_as_they_are():
     """A parameter with requires_grad off (a regime's frozen backbone) is trained by no copy and fused from none."""
     torch.manual_seed(0)
-    model = ChainNet(K=2)
+    model = ChainNet(d=3, K=2)
     model.stages[0].weight.requires_grad_(False)
     frozen, bias = model.stages[0].weight.detach().clone(), model.stages[0].bias.detach().clone()
     strategy = build(model, epochs=2, steps_per_epoch=1)

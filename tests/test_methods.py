@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from toys import ChainNet
 
 from bench.backbones.contract import MultiExitNet
 from bench.backbones.tiny import TinyNet, TinyParams
@@ -16,21 +17,6 @@ from methods.distill import DistillParams, distill_loss
 load_all()
 
 
-class ChainNet(MultiExitNet):
-    """K linear stages on a vector state, a linear head per stage (float64, no BN)."""
-
-    def __init__(self, K=3, d=4, classes=3):
-        super().__init__()
-        self.num_exits = K
-        self.stages = nn.ModuleList(nn.Linear(d, d) for _ in range(K))
-        self.heads = nn.ModuleList(nn.Linear(d, classes) for _ in range(K))
-        self.double()
-
-    def stage(self, k, state):
-        return torch.tanh(self.stages[k](state))
-
-    def head(self, k, state):
-        return self.heads[k](state)
 
 
 class TwoScaleNet(MultiExitNet):

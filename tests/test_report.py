@@ -229,6 +229,20 @@ def test_figure_legends_name_the_interval_and_mark_fewer_seeds(built, sweep):
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" and (out / f"{stem}.pdf").stat().st_size > 1000
 
 
+def test_many_methods_are_told_apart_by_colour_and_line_style():
+    """Past the palette's ten colours, a repeated colour comes with other line styles and a bar hatch: of 20
+    methods with two variants each, no two lines share colour and style, and no two methods' bars colour and
+    hatch."""
+    names = [f"m{i:02d}" for i in range(20)]
+    palette = report.method_palette(reversed(names))
+    lines = [(palette[m], report._line_style(palette, m, j)) for m in names for j in range(2)]
+    assert len(set(lines)) == len(lines)
+    assert len({(palette[m], report._hatch(palette, m)) for m in names}) == len(names)
+    assert len({palette[m] for m in names}) == report.PALETTE_SIZE
+    assert report._line_style(palette, "m00", 0) == "-" and report._hatch(palette, "m00") is None
+    assert report._line_style(palette, "m10", 0) == ":" and report._hatch(palette, "m10") == "//"
+
+
 def test_paired_difference_band_along_the_budget():
     # Pairs (m_i, u_i); budgets as % of each pair's baseline last-exit MACs (4 M, then 2 M).
     mine = report.Curves.envelopes(["m1", "m1", "m2", "m2", "m3", "m3"], [1, 4, 0.5, 2, 1, 4],

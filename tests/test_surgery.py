@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from toys import ChainNet
 
 from bench import train
-from bench.backbones.contract import MultiExitNet
 from bench.config import validate_trial
 from bench.registry import METHODS, load_all
 from methods.cagrad import cagrad_direction
@@ -17,21 +17,6 @@ from methods.pcgrad import project_conflicting
 load_all()
 
 
-class ChainNet(MultiExitNet):
-    """K linear stages (tanh) on a vector state, a linear head per stage, float64, no BatchNorm."""
-
-    def __init__(self, K=2, d=3, classes=3):
-        super().__init__()
-        self.num_exits = K
-        self.stages = nn.ModuleList(nn.Linear(d, d) for _ in range(K))
-        self.heads = nn.ModuleList(nn.Linear(d, classes) for _ in range(K))
-        self.double()
-
-    def stage(self, k, state):
-        return torch.tanh(self.stages[k](state))
-
-    def head(self, k, state):
-        return self.heads[k](state)
 
 
 def t(*values):
@@ -83,7 +68,7 @@ def conflicting_setup(K=2):
     """A seeded ChainNet and batch whose exits' gradients on stage 1 conflict (asserted)."""
     for seed in range(100):
         torch.manual_seed(seed)
-        model = ChainNet(K)
+        model = ChainNet(K, d=3)
         x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
         grads = per_exit_grads(model, x, y)
         flat = [torch.cat([grads[k][n].reshape(-1) for n in ("stages.0.weight", "stages.0.bias")]) for k in range(K)]
@@ -118,7 +103,7 @@ def test_pcgrad_step_on_two_exits_by_hand():
 
 def test_pcgrad_seeded_order_is_reproducible_and_saved():
     torch.manual_seed(0)
-    model = ChainNet(K=4)
+    model = ChainNet(K=4, d=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     a = METHODS.build("pcgrad", {"seed": 3}, model=model, optimizer=opt, total_steps=10)
     b = METHODS.build("pcgrad", {"seed": 3}, model=model, optimizer=opt, total_steps=10)
@@ -187,7 +172,7 @@ def test_cagrad_with_c_zero_is_uniform():
     """c = 0: d = g0, times K = the sum of the exits' gradients, i.e. uniform's update (up to the
     reference's +1e-8 in c)."""
     model, x, y, _ = conflicting_setup()
-    twin = ChainNet(2)
+    twin = ChainNet(2, d=3)
     twin.load_state_dict(model.state_dict())
     got = sgd_update("cagrad", {"c": 0.0}, model, x, y)
     want = sgd_update("uniform", {}, twin, x, y)
