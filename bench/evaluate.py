@@ -237,10 +237,11 @@ def load_logits(path) -> dict[str, torch.Tensor]:
         path = path / "logits.pt"
     if not path.is_file():
         raise UsageError(f"logits file {str(path)!r} not found")
+    from bench.backbones.checkpoint import load_error, torch_load
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load(path)
     except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        from bench.backbones.checkpoint import load_error
 
         raise UsageError(f"cannot read logits file {str(path)!r}: {load_error(err)}") from None
     return validate_logits(data, source=str(path))

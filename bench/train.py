@@ -153,10 +153,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / CHECKPOINT
     if not path.is_file():
         raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder or its {CHECKPOINT})")
+    from bench.backbones.checkpoint import load_error, torch_load
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
     except Exception as err:  # a truncated or foreign file: say what it is, not a traceback
-        raise UsageError(f"cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot read checkpoint {str(path)!r}: {load_error(err)}") from None
 
 
 RESUME_KEYS = ("epoch", "model", "optimizer", "scheduler", "strategy", "rng", "history", "train_time",

@@ -262,8 +262,8 @@ def restore_checkpoint(trial_dir: str, dest: Path) -> bool:
     the next older one is taken.
     """
     import pyarrow.fs as pafs
-    import torch
 
+    from bench.backbones.checkpoint import torch_load
     from bench.train import CHECKPOINT
 
     fs, root = _fs(trial_dir)
@@ -274,7 +274,7 @@ def restore_checkpoint(trial_dir: str, dest: Path) -> bool:
         try:
             with fs.open_input_stream(f"{folder}/{CHECKPOINT}") as src:
                 dest.write_bytes(src.readall())
-            torch.load(dest, map_location="cpu", weights_only=True)  # a copy cut short by a crash does not load
+            torch_load(dest)  # a copy cut short by a crash does not load
         except Exception:  # missing or truncated: try the next older one
             dest.unlink(missing_ok=True)
             continue

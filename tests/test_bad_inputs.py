@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ def world(tmp_path_factory):
     (root / "bad.yaml").write_text("epochs: [1,\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "empty.pt").write_bytes(b"")
-    (root / "junk.pt").write_bytes(os.urandom(256))
+    # random bytes behind a pickle header of an unknown protocol (torch warns about those while it fails)
+    (root / "junk.pt").write_bytes(b"\x80\x58" + np.random.default_rng(0).bytes(254))
     torch.save(torch.zeros(3), root / "tensor.pt")
     torch.save([1, 2], root / "list.pt")
     torch.save({"val_logits": torch.zeros(2, 4, 3)}, root / "partial_logits.pt")
@@ -303,7 +305,11 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, run_cli, tmp_pa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(world / "torch-home" / "hub"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     before = snapshot(world, tmp_path)
-    code, out, err = run_cli(*[a.replace(W, str(world)) for a in args])
+    with warnings.catch_warnings(record=True) as caught:  # what Python would print to the user's stderr
+        warnings.simplefilter("always")
+        code, out, err = run_cli(*[a.replace(W, str(world)) for a in args])
+    shown = [w for w in caught if issubclass(w.category, (UserWarning, FutureWarning, RuntimeWarning))]
+    assert not shown, [str(w.message) for w in shown]
     lines = err.strip().splitlines()
     assert code == 2, (code, out, err)
     assert len(lines) == 1 and lines[0].startswith("exitbench: error: "), err

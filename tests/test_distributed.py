@@ -217,7 +217,10 @@ def test_boosted_loss_equal_on_two_workers_is_train_imagenet_rule(two_ranks):
 
 # The engine (bench.train.run) on two gloo ranks, training mode and per-rank BatchNorm statistics as in a real
 # trial: every strategy keeps its ranks' parameters identical through a whole run, its epochs' ends included.
-ENGINE = ["pcgrad", "cagrad", "kd-anneal", "byot", {"name": "boosted", "loss_equal": True}, "ztw", "meta-gf"]
+ENGINE = {name: {"method": name} for name in ("pcgrad", "cagrad", "kd-anneal", "byot", "ztw", "meta-gf")}
+ENGINE["boosted"] = {"method": {"name": "boosted", "loss_equal": True}}
+ENGINE["meta-gf-disjoint"] = {"method": "meta-gf", "regime": {"name": "disjoint"}}  # frozen backbone in phase 2
+ENGINE["pcgrad-mixed"] = {"method": "pcgrad", "regime": {"name": "mixed"}}
 
 
 def _engine_rank(rank: int) -> dict:
@@ -234,12 +237,12 @@ def _engine_rank(rank: int) -> dict:
 
     out = tempfile.mkdtemp(prefix="engine-")
     results = {}
-    for method in ENGINE:
-        cfg = validate_trial({**TINY, "method": method, "epochs": 3, "workers": {"count": 2}, "progress": False})
+    for name, trial in ENGINE.items():
+        cfg = validate_trial({**TINY, **trial, "epochs": 3, "workers": {"count": 2}, "progress": False})
         group = Keep(cfg, "cpu")
-        record = train.run(cfg, f"{out}/rank{rank}-{cfg.method['name']}", group=group)
+        record = train.run(cfg, f"{out}/rank{rank}-{name}", group=group)
         params = [n for n, _ in backbones.build(cfg.backbone, 4, 1, 8).named_parameters()]  # not the buffers
-        results[cfg.method["name"]] = {
+        results[name] = {
             "params": torch.cat([group.state["model"][n].reshape(-1) for n in params]),
             "buffers": torch.cat([t.reshape(-1).double() for n, t in group.state["model"].items() if n not in params]),
             "readout": [t.clone() for t in group.state["readout"].values()],
@@ -254,9 +257,12 @@ def two_engine_ranks(tmp_path_factory):
     return _two_ranks(_engine_rank, tmp_path_factory.mktemp("engine"))
 
 
-@pytest.mark.parametrize("method", [m if isinstance(m, str) else m["name"] for m in ENGINE])
-def test_every_strategy_keeps_its_ranks_identical_through_the_engine(two_engine_ranks, method):
-    first, second = (rank[method] for rank in two_engine_ranks)
+@pytest.mark.parametrize("name", list(ENGINE))
+def test_every_strategy_keeps_its_ranks_identical_through_the_engine(two_engine_ranks, name):
+    first, second = (rank[name] for rank in two_engine_ranks)
+    method = name.split("-disjoint")[0].split("-mixed")[0]
+    for rank in (first, second):  # a two-phase regime's configured strategy is its phase 2
+        rank["strategy"] = rank["strategy"].get("phase2", rank["strategy"])
     assert torch.equal(first["params"], second["params"])
     assert all(torch.equal(a, b) for a, b in zip(first["readout"], second["readout"], strict=True))
     assert first["epochs"] == second["epochs"] and first["exits"] == second["exits"]  # reduced; rank 0's evaluation

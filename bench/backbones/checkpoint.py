@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ class Weights:
     note: str | None = None  # what was deliberately left out
 
 
+def torch_load(path: str | Path, trusted: bool = False) -> Any:
+    """`torch.load` to the CPU, weights only unless `trusted`, without the warning torch prints on foreign bytes
+    that start like a pickle (what such a file is not becomes the caller's one error line, `load_error`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+
+
 def read_file(path: str | Path, trusted: bool = False) -> Any:
     """`torch.load` a checkpoint file (weights_only unless `trusted`); one UsageError line when it cannot."""
     path = Path(path)
@@ -72,7 +81,7 @@ def read_file(path: str | Path, trusted: bool = False) -> Any:
         raise UsageError(f"checkpoint file {str(path)!r} is empty (0 bytes); give a file saved by exitbench or a "
                          f"reference project")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        return torch_load(path, trusted)
     except Exception as err:  # truncated or foreign files raise many kinds
         raise UsageError(f"cannot read {str(path)!r}: {load_error(err)}") from None
 
@@ -85,7 +94,8 @@ def load_error(err: Exception) -> str:
         return (f"it pickles {refused.group(1)}, which a weights-only read refuses (tensors and plain containers "
                 f"only); if you trust the file, load it from Python with "
                 f"bench.backbones.checkpoint.read_file(path, trusted=True)")
-    if isinstance(err, pickle.UnpicklingError) or "Unsupported operand" in text:
+    # random bytes fail inside the unpickler's own stack and memo operations too
+    if isinstance(err, (pickle.UnpicklingError, IndexError, EOFError)) or "Unsupported operand" in text:
         return "not a file written by torch.save (no pickled tensors in it)"
     return "not a readable torch file: " + (text.strip().splitlines() or [type(err).__name__])[0]
 

@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from bench.backbones.checkpoint import torch_load
 from bench.backbones.contract import MultiExitNet, leaves, sequential_head_embedded
 from bench.errors import ConfigError
 from bench.registry import BACKBONES, Params
@@ -204,7 +205,7 @@ def build_classifier(arch: str, num_classes: int, in_channels: int, pretrained: 
             raise ConfigError(f"backbone.pretrained: no local weights for {arch} at {path} (nothing is downloaded); "
                               f"put the file there or set pretrained=false")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # weights only: no code runs
+            state = torch_load(path)  # weights only: no code runs
         except Exception as err:  # a foreign, truncated or malicious file in the hub cache
             lines = [line for line in str(err).splitlines() if line.strip()]
             raise ConfigError(f"backbone.pretrained: {path} is not {arch}'s torchvision weights ({type(err).__name__}"
