@@ -33,8 +33,8 @@ Several workers (the reference trains on one device; the one-process math on the
 itself is never trained by a backward, so it stays outside DDP. Each copy's gradients and the fusion weights'
 gradients are the workers' mean (every loss is a mean over samples), so copies, fusion weights and fused model
 are the same on every worker; each worker's copies and fusion pass move their BatchNorm statistics on its
-share, and after the pass the model's statistics are rank 0's (DDP's convention for buffers). With sync_bn the
-copies use SyncBatchNorm too.
+share; the model is rank 0's at each epoch's start (DDP's convention for buffers: a regime's phase 1 leaves each
+worker its own statistics) and after each fusion pass. With sync_bn the copies use SyncBatchNorm too.
 
 The strategy state (checkpoint) holds the a, Adam's state and every copy's momentum; the copies' weights
 need not be saved, since each epoch rebuilds them from the model.
@@ -144,6 +144,8 @@ class MetaGF(Strategy):
     def start_epoch(self, x: torch.Tensor) -> None:
         """The copies start from the model: weights, statistics, which parameters train and which modules are
         in train mode (as the engine or a training regime set them for this epoch)."""
+        if self.group is not None:  # rank 0's model, as DDP's forward would broadcast it (after a regime's phase 1,
+            self.group.broadcast(self.model)  # each rank's own BatchNorm statistics)
         self.reach = self.reach_mask(x)
         for c in self.copies:
             c.load_state_dict(self.model.state_dict())

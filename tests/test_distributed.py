@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,11 +111,12 @@ def _joined(rank: int, scenarios, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    torch.save(scenarios(rank), f"{out}/rank{rank}.pt")
+    with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as scratch:  # the ranks' shared folder: `out`
+        torch.save(scenarios(rank, Path(out), Path(scratch)), f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _rank(rank: int) -> dict:
+def _rank(rank: int, shared: Path, scratch: Path) -> dict:
     """Every scenario on this rank's half of each global batch."""
     from bench.config import validate_trial
     from bench.distributed import Workers
@@ -223,7 +225,19 @@ ENGINE["meta-gf-disjoint"] = {"method": "meta-gf", "regime": {"name": "disjoint"
 ENGINE["pcgrad-mixed"] = {"method": "pcgrad", "regime": {"name": "mixed"}}
 
 
-def _engine_rank(rank: int) -> dict:
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(epoch: int):
+    def on_epoch(row, run_dir):  # called on every rank once the epoch's checkpoint is written
+        if row["epoch"] == epoch:
+            raise _Interrupted
+
+    return on_epoch
+
+
+def _engine_rank(rank: int, shared: Path, scratch: Path) -> dict:
     from test_tune import TINY
 
     from bench import train
@@ -235,12 +249,13 @@ def _engine_rank(rank: int) -> dict:
             self.state = state
             super().save(path, state)
 
-    out = tempfile.mkdtemp(prefix="engine-")
+    import torch.distributed as dist
+
     results = {}
     for name, trial in ENGINE.items():
         cfg = validate_trial({**TINY, **trial, "epochs": 3, "workers": {"count": 2}, "progress": False})
         group = Keep(cfg, "cpu")
-        record = train.run(cfg, f"{out}/rank{rank}-{name}", group=group)
+        record = train.run(cfg, scratch / name, group=group)
         params = [n for n, _ in backbones.build(cfg.backbone, 4, 1, 8).named_parameters()]  # not the buffers
         results[name] = {
             "params": torch.cat([group.state["model"][n].reshape(-1) for n in params]),
@@ -248,7 +263,21 @@ def _engine_rank(rank: int) -> dict:
             "readout": [t.clone() for t in group.state["readout"].values()],
             "strategy": group.state["strategy"], "epochs": [e["loss"] for e in record.epochs],
             "exits": [e["top1"] for e in record.exits]}
-    shutil.rmtree(out)
+        # The same run stopped after epoch 2 and resumed from rank 0's checkpoint on both ranks (as Ray Train's
+        # worker copies it into each rank's folder)
+        stopped = scratch / f"{name}-stopped"
+        try:
+            train.run(cfg, stopped, group=Keep(cfg, "cpu"), on_epoch=_interrupt_after(2))
+        except _Interrupted:
+            pass
+        if rank == 0:
+            shutil.copy(stopped / train.CHECKPOINT, shared / f"{name}.pt")
+        dist.barrier()
+        shutil.copy(shared / f"{name}.pt", stopped / train.CHECKPOINT)
+        again = Keep(cfg, "cpu")
+        record = train.run(cfg, stopped, group=again, resume=True)
+        results[name]["resumed"] = torch.cat([again.state["model"][n].reshape(-1) for n in params])
+        results[name]["resumed_exits"] = [e["top1"] for e in record.exits]
     return results
 
 
@@ -267,6 +296,8 @@ def test_every_strategy_keeps_its_ranks_identical_through_the_engine(two_engine_
     assert all(torch.equal(a, b) for a, b in zip(first["readout"], second["readout"], strict=True))
     assert first["epochs"] == second["epochs"] and first["exits"] == second["exits"]  # reduced; rank 0's evaluation
     assert len(first["epochs"]) == 3 and all(0 <= t <= 100 for t in first["exits"])
+    for rank in (first, second):  # stopped after epoch 2 and resumed: the uninterrupted run's parameters
+        assert torch.equal(rank["resumed"], rank["params"]) and rank["resumed_exits"] == rank["exits"]
     if method == "boosted":  # loss_equal's averages are per rank (train_imagenet.py), both kept
         ema = first["strategy"]["loss_ema_ranks"]
         assert ema == second["strategy"]["loss_ema_ranks"] and ema[0] != ema[1]
