@@ -34,9 +34,10 @@ bench. The reference leaves the pretrained backbone's own classifier outside the
 here every exit, the last included, is a trained head and gets both. W_k starts as nn.Linear(C, C) does.
 Readout cost per exit: k C for the ensemble, plus C^2 + 5 C for the cascade from exit 2 on.
 
-Several workers (the reference trains on one device; the one-process math on the global batch): both stages'
-objectives are means over samples; the model's gradients are DDP's mean, the readout's (cascade, ensembles;
-outside the DDP wrapper) the workers' mean by hand, and the readout starts as rank 0's.
+Several workers, as the reference's multi-GPU runs (HF Accelerate's `prepare` wraps the whole early-exit model,
+cascade heads and ensembles included, in DDP): both stages' objectives are means over samples; the model's
+gradients are DDP's mean, the readout's (cascade, ensembles; outside the DDP wrapper here) the workers' mean by
+hand, and the readout starts as rank 0's.
 """
 
 from __future__ import annotations
