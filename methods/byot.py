@@ -15,10 +15,10 @@ projection to the last exit's width owned by this strategy (identity when the wi
 trained by the hint with its own SGD at the model's learning rate. Defaults T = 3, alpha = 0.1, beta = 1e-6
 are the reference's argparse defaults. `beta: 0` drops the hint and works on any backbone.
 
-Several workers (the reference has no DDP; the one-process math on the global batch): CE and distillation are
-means over samples, which DDP's gradient average keeps; the hint is a sum over samples, so each worker weights
-its share's hint by the number of workers (their mean is then the global batch's sum). The projections start as
-rank 0's and their gradients are the workers' mean.
+Several workers, as the reference's multi-GPU runs (`train.py`: nn.DataParallel, one process whose loss sees the
+whole gathered batch): CE and distillation are means over samples, which DDP's gradient average keeps; the hint
+is a sum over samples, so each worker weights its share's hint by the number of workers (their mean is then the
+global batch's sum). The projections start as rank 0's and their gradients are the workers' mean.
 """
 
 from __future__ import annotations

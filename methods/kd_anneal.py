@@ -10,9 +10,10 @@ writes it. T starts at 1; after each step, if the teacher's mean max-probability
 Defaults c = 0.5, maxprob = 0.5, t_mult = 1.05 and global_scale s = 1 are the loss class's; the CIFAR
 script `train_cifar.py` sets s = 2 * 5 / K (pass `global_scale` to reproduce it).
 
-Several workers (the reference has no DDP; the one-process math on the global batch): the objective is a mean
-over samples (DDP's gradient average is exact) and the teacher's mean max-probability that drives T is the
-workers' mean, so every worker anneals T at the same steps as one process on the whole batch.
+Several workers, as the reference's multi-GPU runs (`train.py`: nn.DataParallel, one process whose loss sees the
+whole gathered batch): the objective is a mean over samples (DDP's gradient average is exact) and the teacher's
+mean max-probability that drives T is the workers' mean, so every worker anneals T at the same steps as one
+process on the whole batch.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ that Adam no longer holds and that do not require grad, so the a stop learning a
 its MultiStepLR is built with last_epoch=epochs, so the x0.1 milestone is never reached
 (`meta_lr_drop: null` reproduces the latter).
 
-Several workers (the reference trains on one device; the one-process math on the global batch): the model
-itself is never trained by a backward, so it stays outside DDP. Each copy's gradients and the fusion weights'
+Several workers, as the reference's multi-GPU runs (`M5main_GF.py`: nn.DataParallel, one process whose losses
+see the whole gathered batch): the model itself is never trained by a backward, so it stays outside DDP. Each copy's gradients and the fusion weights'
 gradients are the workers' mean (every loss is a mean over samples), so copies, fusion weights and fused model
 are the same on every worker; each worker's copies and fusion pass move their BatchNorm statistics on its
 share; the model is rank 0's at each epoch's start (DDP's convention for buffers: a regime's phase 1 leaves each
