@@ -2,7 +2,7 @@
 
 Math: two gloo processes (torch.multiprocessing, no Ray) run the strategies through `Workers`, the seam
 bench.train.run gives every rank; the results are compared with one process on the whole batch (every strategy
-without a DDP reference: its one-process math on the global batch), with L2W-DEN's DDP rule written out here
+kept to one process's math on the global batch), with L2W-DEN's DDP rule written out here
 (each rank's pseudo step on its own half batch, the WPN meta-gradient averaged) and with Boosted's
 train_imagenet.py rule (loss_equal's averages per rank). Ray: sweeps and `exitbench train` with 2-worker trials
 on the shared local Ray.
@@ -52,7 +52,9 @@ def _strategy(name, params, model, steps, steps_per_epoch=None):
                          steps_per_epoch=steps_per_epoch or steps, readout=readout)
 
 
-# Strategies without a DDP reference: two workers on half batches are one process on the whole batch.
+# Strategies kept to one process's math on the global batch (their references' nn.DataParallel or one device;
+# ztw's Accelerate DDP and every mean-over-samples objective agree): two workers on half batches are one
+# process on the whole batch.
 # (name, params, steps, steps per epoch); an epoch's end runs after its last step (Meta-GF's fusion pass).
 # ztw: one epoch of cascade training, then one of ensembles; byot's hint weighted up to matter at 1e-5.
 ONE_PROCESS = [("uniform", {}, STEPS, STEPS), ("ge", {}, STEPS, STEPS), ("distill", {"temperature": 3.0}, STEPS, STEPS),
