@@ -469,6 +469,44 @@ def test_killed_driver_resumes_the_distributed_trial_from_its_checkpoint(ray_ses
     assert tables.exits.sort_values("exit")["top1"].tolist() == [e["top1"] for e in clean["exits"]]
 
 
+@pytest.mark.slow
+def test_two_worker_trial_across_two_ray_nodes_ends_as_on_one(ray_session, run_cli, tmp_path):
+    """A Ray cluster of two nodes on this machine (ray.cluster_utils.Cluster: head 3 CPUs, a second node 2 CPUs;
+    nothing is shared but the file system, as on real nodes with shared storage): a sweep driven through
+    `--address` whose trial has 2 workers x 2 CPUs, which only the two nodes together can place (the head
+    holds one worker and the trial's driver). Its numbers equal the same trial's on the suite's one-node Ray."""
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+    from test_tune import TINY, sweep_file
+
+    from bench import results
+
+    base = dict(TINY, threads=1, workers={"count": 2, "cpu": 2})
+    path = sweep_file(tmp_path, "nodes", base=base, grid={"method": ["pcgrad"]}, seeds=[0])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        done = subprocess.run([sys.executable, "-m", "bench", "sweep", str(path), "--address", cluster.address,
+                               "--quiet"], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    tables = results.load(tmp_path / "runs" / "nodes")
+    assert tables.runs["status"].tolist() == ["finished"]
+    trial = json.loads(json.dumps(results.load_record(tmp_path / "runs" / "nodes", tables.runs["trial_id"][0]).config))
+    config = tmp_path / "one-node.yaml"  # 2 workers x 1 CPU fit this machine; one thread each either way
+    config.write_text(yaml.safe_dump({**trial, "workers": {"count": 2, "cpu": 1}, "out_dir": str(tmp_path / "one")}))
+    code, out, err = run_cli("train", config)
+    assert code == 0, out + err
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert tables.epochs.sort_values("epoch")["loss"].tolist() == [e["loss"] for e in one["epochs"]]
+    assert tables.exits.sort_values("exit")["top1"].tolist() == [e["top1"] for e in one["exits"]]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["workers.count=0"], "workers.count: Input should be greater than or equal to 1"),
     (["workers.count=2", "batch_size=63"], "batch_size=63 is the global batch and must split evenly over "
