@@ -30,11 +30,12 @@ its MultiStepLR is built with last_epoch=epochs, so the x0.1 milestone is never 
 (`meta_lr_drop: null` reproduces the latter).
 
 Several workers, as the reference's multi-GPU runs (`M5main_GF.py`: nn.DataParallel, one process whose losses
-see the whole gathered batch): the model itself is never trained by a backward, so it stays outside DDP. Each copy's gradients and the fusion weights'
-gradients are the workers' mean (every loss is a mean over samples), so copies, fusion weights and fused model
-are the same on every worker; each worker's copies and fusion pass move their BatchNorm statistics on its
-share; the model is rank 0's at each epoch's start (DDP's convention for buffers: a regime's phase 1 leaves each
-worker its own statistics) and after each fusion pass. With sync_bn the copies use SyncBatchNorm too.
+see the whole gathered batch): the model itself is never trained by a backward, so it stays outside DDP. Each
+copy's gradients and the fusion weights' gradients are the workers' mean (every loss is a mean over samples), so
+copies, fusion weights and fused model are the same on every worker; each worker's copies and fusion pass move
+their BatchNorm statistics on its share; the model is rank 0's at each epoch's start (DDP's convention for
+buffers: a regime's phase 1 leaves each worker its own statistics) and after each fusion pass. With sync_bn the
+copies use SyncBatchNorm too.
 
 The strategy state (checkpoint) holds the a, Adam's state and every copy's momentum; the copies' weights
 need not be saved, since each epoch rebuilds them from the model.
