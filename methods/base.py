@@ -37,8 +37,8 @@ class Strategy:
     `steps_per_epoch` the number in one epoch (`step`'s `iteration` is global: epoch * steps_per_epoch + i)."""
 
     # Several workers (workers.count > 1, bench/distributed.py): True when the strategy runs under DDP as its
-    # reference does, or (no DDP reference) as one process on the global batch: its own networks' gradients
-    # and its batch statistics averaged over the workers through `self.group` (see `distribute`).
+    # reference runs on several GPUs (DDP; or nn.DataParallel or one device: one process's math on the global
+    # batch), its own networks' gradients and batch statistics averaged through `self.group` where needed.
     # workers.count > 1 is refused for the others (a plug-in strategy must say it was made for DDP).
     distributed = False
     # Why workers.sync_bn (SyncBatchNorm) cannot be used with it; None: it can.

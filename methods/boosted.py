@@ -66,11 +66,11 @@ class BoostedReadout(Readout):
 class Boosted(Strategy):
     """Boosting across exits: exit k learns the residual of the (frozen) weighted sum of the earlier exits."""
 
+    distributed = True
+
     @classmethod
     def build_readout(cls, params, num_exits, num_classes):
         return BoostedReadout(num_exits, num_classes, params.gamma)
-
-    distributed = True
 
     def __init__(self, params: BoostedParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)

@@ -34,7 +34,7 @@ class KDAnnealParams(Params):
 
 
 def kd_anneal_loss(logits: list[torch.Tensor], losses: torch.Tensor, p: KDAnnealParams,
-                   temperature: float) -> tuple[torch.Tensor, float]:
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(objective, teacher's mean max-probability at `temperature` (a 0-dim tensor)) from the exits' logits and
     [N, K] CEs."""
     T, c = temperature, p.c

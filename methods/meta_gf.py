@@ -145,8 +145,8 @@ class MetaGF(Strategy):
     def start_epoch(self, x: torch.Tensor) -> None:
         """The copies start from the model: weights, statistics, which parameters train and which modules are
         in train mode (as the engine or a training regime set them for this epoch)."""
-        if self.group is not None:  # rank 0's model, as DDP's forward would broadcast it (after a regime's phase 1,
-            self.group.broadcast(self.model)  # each rank's own BatchNorm statistics)
+        if self.group is not None:  # rank 0's model, as DDP's forward broadcasts its buffers (a regime's phase 1
+            self.group.broadcast(self.model)  # leaves each rank its own BatchNorm statistics)
         self.reach = self.reach_mask(x)
         for c in self.copies:
             c.load_state_dict(self.model.state_dict())

@@ -118,11 +118,11 @@ class ZTWReadout(Readout):
 class ZeroTimeWaste(Strategy):
     """Cascading exits trained with CE, then per-exit geometric ensembles fitted on a frozen network."""
 
+    distributed = True
+
     @classmethod
     def build_readout(cls, params, num_exits, num_classes):
         return ZTWReadout(num_exits, num_classes, params.layer_norm)
-
-    distributed = True
 
     def __init__(self, params: ZTWParams, model, optimizer, **kw):
         super().__init__(params, model, optimizer, **kw)
