@@ -158,9 +158,9 @@ class Workers:
         dist.all_gather_object(out, value)
         return out
 
-    def broadcast(self, module: torch.nn.Module, buffers_only: bool = False) -> None:
-        """Rank 0's parameters and buffers (or buffers only: what DDP's forward broadcasts) on every rank."""
-        for t in (module.buffers() if buffers_only else module.state_dict().values()):
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank."""
+        for t in module.state_dict().values():
             buffer = t.detach().to(self.comm)
             dist.broadcast(buffer, src=0)
             t.detach().copy_(buffer)

@@ -9,11 +9,13 @@ does not reach a tensor, as the references' grad2vec fills them) and combined by
 (exit k's backward runs through stages 1..k only) against uniform's one forward and one backward.
 
 Several workers (no DDP reference; the one-process math on the global batch): the forward runs through DDP
-without its reducer (`no_sync`; autograd.grad would not trigger it anyway; rank 0's buffers are broadcast first,
-as DDP's own forward does, which `no_sync` skips), and every exit's gradients are
+without its reducer (`no_sync`; autograd.grad would not trigger it anyway), and every exit's gradients are
 averaged over the workers (one all-reduce of K x the reached parameters) before they are combined: each exit's
 loss is a mean over samples, so the workers' mean is exit k's gradient on the global batch, and every worker
-combines the same G into the same update.
+combines the same G into the same update. (`no_sync` also skips DDP's broadcast of rank 0's BatchNorm buffers:
+the other ranks' running statistics are then their own, which nothing reads: training-mode BatchNorm normalises
+with the batch, evaluation and checkpoints are rank 0's, and modules a regime freezes in eval mode received rank
+0's buffers at their first forward after phase 1, which still went through DDP's reducer.)
 """
 
 from __future__ import annotations
@@ -72,8 +74,6 @@ class GradientSurgery(Strategy):
         return [tuple(None if g is None else next(mean) for g in grads) for grads in per_exit]
 
     def step(self, x, y, iteration):
-        if self.group is not None:
-            self.group.broadcast(self.model.module, buffers_only=True)
         with self.autocast(), self.model.no_sync() if self.group is not None else nullcontext():
             logits = self.model(x)
             # One scalar per exit, each from its own logits: a stacked [K] tensor would connect every exit's

@@ -225,6 +225,7 @@ ENGINE = {name: {"method": name} for name in ("pcgrad", "cagrad", "kd-anneal", "
 ENGINE["boosted"] = {"method": {"name": "boosted", "loss_equal": True}}
 ENGINE["meta-gf-disjoint"] = {"method": "meta-gf", "regime": {"name": "disjoint"}}  # frozen backbone in phase 2
 ENGINE["pcgrad-mixed"] = {"method": "pcgrad", "regime": {"name": "mixed"}}
+ENGINE["pcgrad-disjoint"] = {"method": "pcgrad", "regime": {"name": "disjoint"}}  # eval-mode BatchNorm, no_sync
 
 
 class _Interrupted(Exception):
