@@ -242,7 +242,6 @@ def load_logits(path) -> dict[str, torch.Tensor]:
     try:
         data = torch_load(path)
     except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-
         raise UsageError(f"cannot read logits file {str(path)!r}: {load_error(err)}") from None
     return validate_logits(data, source=str(path))
 

@@ -76,7 +76,7 @@ class Strategy:
         `group` (bench.distributed.Workers) has the collectives a strategy with networks of its own needs.
         The readout's weights start as rank 0's (DDP does the same for the model's)."""
         self.model, self.group = model, group
-        if any(True for _ in self.readout.parameters()):
+        if next(self.readout.parameters(), None) is not None:
             group.broadcast(self.readout)
 
     def worker_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -287,10 +287,6 @@ class _SGDGroup:
         return self.lr * ((1 + self.momentum * c) if self.nesterov else c)
 
 
-def _own(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    return grads
-
-
 @METHODS.register("l2w", L2WParams)
 class L2W(Strategy):
     """Meta-learned per-sample, per-exit loss weights (L2W-DEN) with a functional pseudo update."""
@@ -320,7 +316,6 @@ class L2W(Strategy):
             self.wpn_optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
         self.probs = target_probs(K, params.target_p)
         self.net = model  # evaluated functionally at pseudo parameters: never the DDP wrapper (see distribute)
-        self.reduce_meta_grad = _own  # one process: this process's WPN gradient is the gradient
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._norms = batch_norms(model)
         self._fast_jvp = FastJvp(model)
@@ -473,7 +468,7 @@ class L2W(Strategy):
 
     def meta_update(self, features, losses, x_tr, y_tr, x_me, y_me) -> float:
         grads, meta = self.wpn_gradient(features, losses, x_tr, y_tr, x_me, y_me)
-        grads = self.reduce_meta_grad(grads)
+        grads = self.worker_mean(list(grads))  # several workers: the ranks' mean, as DDP's reducer on a wrapped WPN
         for p, g in zip(self.wpn.parameters(), grads):
             p.grad = g
         self.wpn_optimizer.step()
@@ -487,7 +482,6 @@ class L2W(Strategy):
         would not reduce)."""
         super().distribute(model, group)
         group.broadcast(self.wpn)
-        self.reduce_meta_grad = group.average
 
     # -- one step ----------------------------------------------------------------------------------------
     def _half(self, x_tr, y_tr, x_me, y_me, meta_step: bool) -> StepOutput:
