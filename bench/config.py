@@ -311,7 +311,7 @@ class SweepConfig(Section):
             for path in self.search.space:  # ... and so must the ends of every search dimension on it
                 for value in self.search.endpoints(path):
                     point = copy.deepcopy(raw)
-                    _set_path(point, path, copy.deepcopy(value))
+                    set_path(point, path, copy.deepcopy(value))
                     validate_trial(point, where=f"search.space.{path}={value!r}")
         return self
 
@@ -335,7 +335,7 @@ class SweepConfig(Section):
         for combo in itertools.product(*(self.grid[p] for p in paths)):
             raw = copy.deepcopy(base)
             for path, value in zip(paths, combo):
-                _set_path(raw, path, copy.deepcopy(value), replace_section=True)
+                set_path(raw, path, copy.deepcopy(value), replace_section=True)
             for seed in self.seeds:
                 raw["seed"] = seed
                 out.append(validate_trial(raw, where=f"grid point {dict(zip(paths, combo))}"))
@@ -369,7 +369,7 @@ def _close_path(tree: dict[str, Any], path: str) -> str:
     return ""
 
 
-def _set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool = False) -> None:
+def set_path(tree: dict[str, Any], path: str, value: Any, replace_section: bool = False) -> None:
     parts = path.split(".")
     node = tree
     for part in parts[:-1]:
@@ -436,7 +436,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *, sweep: bool = 
                 node[key[len(section):]] = value
                 break
         else:
-            _set_path(raw, key, value)
+            set_path(raw, key, value)
     return raw
 
 
@@ -530,3 +530,14 @@ def split_config_arg(path: str | None, overrides: list[str]) -> tuple[str | None
     if path is not None and "=" in path and not Path(path).exists():
         return None, [path, *overrides]
     return path, list(overrides)
+
+
+def resolve_device(name: str):
+    """The torch device a config's `device` names: auto is cuda when present; cuda asked for without it is one line."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)

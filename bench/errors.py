@@ -24,3 +24,16 @@ def check_output_dir(path, what: str) -> None:
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise UsageError(f"{what}: {folder} is not writable; give a folder you may write to")
             return
+
+
+def last_line(text: str | None) -> str | None:
+    """The last non-empty line of a (traceback) text, at most 500 characters: where Python and Ray put the
+    exception's own message."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else None
+
+
+def describe(err: BaseException) -> str:
+    """`Type: first line of the message` of an exception, for a record or a one-line report."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")

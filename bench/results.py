@@ -61,7 +61,7 @@ class ResultRecord(BaseModel):
     exits: list[dict[str, Any]] = Field(default_factory=list)  # exit, top1, top5, macs, params
     budgets: list[dict[str, Any]] = Field(default_factory=list)  # p, test_acc, val_acc, expected_macs, ...
     summary: dict[str, Any] = Field(default_factory=dict)
-    latency: list[dict[str, Any]] = Field(default_factory=list)  # bench.latency rows, when measured
+    latency: list[dict[str, Any]] = Field(default_factory=list)  # bench.evaluate.latency rows, when measured
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -10,7 +10,7 @@ goal: all 39 budgets in under 1 s from the logits. Printed, each the best and th
 - scores:        softmax confidence + prediction rank of every exit and sample, both splits (the part
                  that reads all K*N*C logits)
 - 39 budgets:    thresholds on the calibration split and their use on test, from those scores
-- budgets total: scores + 39 budgets, i.e. `bench.evaluate.budgeted` from logits (the headline figure)
+- budgets total: scores + 39 budgets, i.e. `bench.evaluate.protocol.budgeted` from logits (the headline figure)
 - evaluate:      `evaluate_logits` (validation, anytime table, 39 budgets, summary, oracle): what
                  `exitbench budget` does after loading the file
 
@@ -60,7 +60,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench import evaluate as ev
+    from bench.evaluate import protocol as ev
 
     val_logits, val_labels = synthetic_logits(args.exits, args.n, args.classes, 0)
     test_logits, test_labels = synthetic_logits(args.exits, args.n, args.classes, 1)

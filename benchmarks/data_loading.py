@@ -8,7 +8,7 @@ Writes fake CIFAR batches and a fake ImageNet folder (JPEG, ~500x375) to a temp 
 Run: .venv/bin/python benchmarks/data_loading.py [--cifar-images 10000] [--folder-images 256]
 
 With --trial SWEEP.yaml it instead profiles one trial of that sweep (its base config, --method, --threads): the
-share of each training step spent waiting for the loader, measured around the same loop `bench.train` runs
+share of each training step spent waiting for the loader, measured around the same loop `bench.trial.train` runs
 (loader -> strategy.step), e.g. results/fashion-mnist/sweep.yaml, whose goal is < 10 %.
 """
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from l2w_speed import OneLineErrors, at_least  # noqa: E402  (the benchmarks' one-line argument errors)
 
 from bench import datasets  # noqa: E402
-from bench.datasets.splits import _seed_worker  # noqa: E402
+from bench.datasets.splits import seed_worker  # noqa: E402
 
 
 def per_sample_us(fn, items, repeat=1) -> float:
@@ -42,7 +42,7 @@ def per_sample_us(fn, items, repeat=1) -> float:
 
 def loader_rate(dataset, workers: int, batch_size: int, max_batches: int | None = None) -> float:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0), worker_init_fn=_seed_worker)
+                        generator=torch.Generator().manual_seed(0), worker_init_fn=seed_worker)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     t0, seen = time.perf_counter(), 0
@@ -56,7 +56,7 @@ def loader_rate(dataset, workers: int, batch_size: int, max_batches: int | None 
 def trial_profile(path: str, method: str, threads: int, steps: int) -> None:
     """Seconds per training step spent in the loader (next batch) and in the strategy's step, for one trial."""
     from bench.config import load_sweep, validate_trial
-    from bench.train import build_trial
+    from bench.trial.train import build_trial
 
     sweep = load_sweep(path)
     cfg = validate_trial({**sweep.base.model_dump(mode="json"), "method": {"name": method}, "threads": threads,

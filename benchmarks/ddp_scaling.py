@@ -1,10 +1,10 @@
-"""Training throughput of one trial on 1 vs several DDP workers (images/s), as bench.distributed runs them.
+"""Training throughput of one trial on 1 vs several DDP workers (images/s), as bench.trial.distributed runs them.
 
     .venv/bin/python benchmarks/ddp_scaling.py                         # msdnet-cifar-budget, batch 64, 1 and 2 workers
     .venv/bin/python benchmarks/ddp_scaling.py --workers 1 2 4 --device cuda --batch 256 --figure scaling.png
 
 Each setting runs in fresh processes (torch.multiprocessing, gloo on CPU, nccl on CUDA): every worker builds the
-backbone and the strategy as a trial does, joins the group through `bench.distributed.Workers` (DDP, its share
+backbone and the strategy as a trial does, joins the group through `bench.trial.workers.Workers` (DDP, its share
 of the global batch), runs --warmup steps, then times --steps steps of random inputs (32x32, 100 classes). The
 throughput is the global batch x steps over the slowest rank's time. Also measured: one process with as many
 threads as the workers have together (what a one-process trial would use on the same cores). Printed: a table
@@ -37,9 +37,9 @@ def _rank(rank: int, size: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
     from bench.config import validate_trial
-    from bench.distributed import Workers
     from bench.readout import build_readout
     from bench.registry import BACKBONES, METHODS, load_all
+    from bench.trial.workers import Workers
 
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -60,13 +60,13 @@ def synthetic_tables(trials: int, groups: int | None = None, seed: int = 0):
 
 
 def time_report(trials: int, plots: bool, groups: int | None = None) -> float:
-    from bench import report
+    from bench.report import build, frame
 
     tables = synthetic_tables(trials, groups)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        report.annotate(tables)
-        report.write_report(tables, "synthetic", out, baseline="uniform", plots=plots)
+        frame.annotate(tables)
+        build.write_report(tables, "synthetic", out, baseline="uniform", plots=plots)
         return time.perf_counter() - start
 
 

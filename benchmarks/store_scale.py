@@ -16,7 +16,7 @@ imports included) is its own:
 - compact:        `bench.results.compact(dir, settle=True)`, the call that ends a sweep
 - load:           `bench.results.load(dir)`, all four tables (--repeats fresh processes, median and fastest)
 - load-2:         exits and budgets of one method (a filter on runs), three columns each: epochs is not read
-- report:         `exitbench report DIR` (bench.report.cli_report, figures included); "in" is the call,
+- report:         `exitbench report DIR` (bench.report.build.cli_report, figures included); "in" is the call,
                   "process" the whole command as a user waits for it, interpreter start and imports included
 
 Goals (issue 19): 10,000 trials load < 3 s and report < 15 s, memory < 2 GB, growth 1k -> 10k within 12x.
@@ -65,7 +65,7 @@ def templates() -> dict[str, dict]:
     """One real evaluation per method (anytime, 39 budgets, summary) of synthetic 5-exit logits."""
     import torch
 
-    from bench.evaluate import evaluate_logits
+    from bench.evaluate.protocol import evaluate_logits
 
     def logits(labels, margin, g):  # the label's logit raised more at deeper exits
         z = torch.randn(EXITS, len(labels), 10, generator=g)
@@ -160,7 +160,7 @@ def phase(name: str, sweep_dir: str) -> dict:
             filters={"runs": pc.field("config.method.name") == "l2w"})
         rows = len(tables.exits) + len(tables.budgets)
     elif name == "report":
-        from bench.cli import main
+        from bench.cli.main import main
 
         out = tempfile.mkdtemp(prefix="store-scale-report-")
         with open(os.devnull, "w") as devnull:

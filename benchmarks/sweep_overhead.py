@@ -39,7 +39,7 @@ def sweep_config(name: str, storage: str, trials: int, train_size: int, epochs: 
 def timed_sweep(sweep) -> tuple[float, float]:
     """(sweep wall time, summed trial wall time) in seconds."""
     from bench import results
-    from bench.tune import run_sweep
+    from bench.sweep.driver import run_sweep
 
     t0 = time.perf_counter()
     outcome = run_sweep(sweep, quiet=True)
@@ -54,8 +54,8 @@ def plain_trial(args: tuple[dict, str]) -> float:
     """One trial in a plain process (no Ray), 1 torch thread: the control for the machine's own parallelism."""
     import torch
 
-    from bench import train
     from bench.config import validate_trial
+    from bench.trial import train
 
     raw, out = args
     torch.set_num_threads(1)
@@ -90,7 +90,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import ray
 
-    import bench.tune  # noqa: F401  (ray.tune and torch, as the CLI imports them)
+    import bench.sweep.driver  # noqa: F401  (ray.tune and torch, as the CLI imports them)
 
     imports = time.perf_counter() - t0
     t0 = time.perf_counter()

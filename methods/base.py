@@ -58,7 +58,7 @@ class Strategy:
         # Without one (a strategy built outside the engine), the identity; strategies with their own
         # readout need it passed in (it needs the class count).
         self.readout = readout if readout is not None else Readout(model.num_exits, 0)
-        self.group = None  # the DDP worker group (bench.distributed.Workers) once `distribute` is called
+        self.group = None  # the DDP worker group (bench.trial.workers.Workers) once `distribute` is called
 
     @classmethod
     def build_readout(cls, params: BaseModel, num_exits: int, num_classes: int) -> Readout:
@@ -73,7 +73,7 @@ class Strategy:
 
     def distribute(self, model: torch.nn.Module, group) -> None:
         """Several workers: train through `model`, the DDP-wrapped network (still the multi-exit contract);
-        `group` (bench.distributed.Workers) has the collectives a strategy with networks of its own needs.
+        `group` (bench.trial.workers.Workers) has the collectives a strategy with networks of its own needs.
         The readout's weights start as rank 0's (DDP does the same for the model's)."""
         self.model, self.group = model, group
         if next(self.readout.parameters(), None) is not None:

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def run_cli(capsys):
     """Run `exitbench ARGS...` in-process; returns (exit status, stdout, stderr)."""
-    from bench.cli import main
+    from bench.cli.main import main
 
     def run(*args: str):
         code = main([str(a) for a in args])

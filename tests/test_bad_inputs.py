@@ -40,9 +40,9 @@ def world(tmp_path_factory):
     """Files the corpus points at, made once: a regular file, torch files of every wrong kind, a real run
     folder (digits, tiny backbone, 1 epoch), a finished sweep with its store, CIFAR folders with bad batches
     and a torch hub cache with a foreign file."""
-    from bench import train
     from bench.config import load_trial
-    from bench.tune import trial_dirname
+    from bench.sweep.grid import trial_dirname
+    from bench.trial import train
 
     root = tmp_path_factory.mktemp("world")
     (root / "afile").write_text("a regular file\n")
@@ -70,7 +70,7 @@ def world(tmp_path_factory):
     sweep = {"name": "done", "base": {"data": {"name": "digits"}, "backbone": {"name": "tiny", "widths": [4, 8]},
                                       "epochs": 1, "device": "cpu"}, "storage_path": str(root / "runs")}
     from bench.config import validate_sweep
-    from bench.tune import expand
+    from bench.sweep.grid import expand
 
     jobs = expand(validate_sweep(sweep), "abcde")
     sweep_dir.mkdir(parents=True)
@@ -328,7 +328,7 @@ def test_resume_never_unpickles_tune_state(world, run_cli):
 
 
 def test_corpus_is_large_and_covers_every_command():
-    from bench.cli import build_parser
+    from bench.cli.main import build_parser
 
     commands = {a[0] for a, _ in CORPUS}
     parser = build_parser()
@@ -409,7 +409,7 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_taken_over(world, tm
     """The lock itself (the slow test in test_tune kills a real driver): a live owner on this host or any owner
     on another host refuses; a dead owner's lock is taken over and released."""
     from bench.errors import UsageError
-    from bench.tune import DriverLock
+    from bench.sweep.lock import DriverLock
 
     lock_file = tmp_path / "driver.lock"
     me = DriverLock._me()  # pid, host, start time

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import train
 from bench.backbones.checkpoint import init_from, load_reference_checkpoint, parse
 from bench.config import validate_trial
 from bench.errors import UsageError
 from bench.registry import BACKBONES, load_all
+from bench.trial import train
 from methods.l2w import WeightPredictor
 
 load_all()

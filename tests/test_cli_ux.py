@@ -17,7 +17,8 @@ from bench.config import apply_overrides, load_sweep, validate_sweep, validate_t
 from bench.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# The README and the documentation pages (docs/*.md) as one text: the sections read here live in docs/.
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
 def one_line(err: str) -> str:
@@ -52,7 +53,7 @@ def test_a_trial_file_given_to_sweep_says_so(run_cli, tmp_path):
 
 
 def _help_examples(capsys, command: str) -> list[list[str]]:
-    from bench.cli import main
+    from bench.cli.main import main
 
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
@@ -64,21 +65,21 @@ def _help_examples(capsys, command: str) -> list[list[str]]:
 
 def test_sweep_help_examples_run(run_cli, capsys, monkeypatch, tmp_path):
     """Every example in `exitbench sweep --help` gets as far as starting Ray (which is replaced here)."""
-    from bench import tune
+    from bench.sweep import driver
 
     monkeypatch.chdir(tmp_path)
     started = []
 
     def fake_run(sweep, **kw):
         started.append(sweep)
-        return tune.Outcome(str(tmp_path / sweep.name), sweep)
+        return driver.Outcome(str(tmp_path / sweep.name), sweep)
 
     def fake_resume(name, storage, **kw):
         started.append(name)
-        return tune.Outcome(str(tmp_path / name), load_sweep(config.bundled_sweeps()["default"]))
+        return driver.Outcome(str(tmp_path / name), load_sweep(config.bundled_sweeps()["default"]))
 
-    monkeypatch.setattr(tune, "run_sweep", fake_run)
-    monkeypatch.setattr(tune, "resume_sweep", fake_resume)
+    monkeypatch.setattr(driver, "run_sweep", fake_run)
+    monkeypatch.setattr(driver, "resume_sweep", fake_resume)
     examples = _help_examples(capsys, "sweep")
     assert len(examples) >= 5 and ["sweep", "--resume", "quick"] in examples
     for args in examples:
@@ -188,8 +189,8 @@ def test_bundled_sweeps_are_listed_named_and_documented(run_cli):
     code, out, _ = run_cli("config", "show", "l2w-ablation", "epochs=30", "grid.method.epsilon=[0.8]")
     shown = yaml.safe_load(out)
     assert code == 0 and shown["name"] == "l2w-ablation" and shown["base"]["epochs"] == 30
-    section = README.split("### Bundled sweeps")[1].split("\n## ")[0]
-    assert all(f"`{n}`" in section for n in bundled), "the README lists every bundled sweep"
+    section = (ROOT / "docs" / "configuration.md").read_text().split("\n## Bundled sweeps\n")[1].split("\n## ")[0]
+    assert all(f"`{n}`" in section for n in bundled), "docs/configuration.md lists every bundled sweep"
     for path in bundled.values():  # comments that name a file name one that exists
         for ref in re.findall(r"configs/[\w.-]+\.yaml", path.read_text()):
             assert (ROOT / "bench" / ref).is_file(), ref
@@ -331,7 +332,7 @@ def test_tracker_callbacks_are_ray_tunes_own(monkeypatch):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    from bench import tune
+    from bench.sweep import loggers
 
     monkeypatch.setattr(ray_wandb, "wandb", object())  # its constructor checks that wandb was imported
     monkeypatch.setitem(sys.modules, "mlflow", type(sys)("mlflow"))  # ... and MLflow's imports mlflow
@@ -341,30 +342,30 @@ def test_tracker_callbacks_are_ray_tunes_own(monkeypatch):
                         else real(name, *a))
     sweep = load_sweep(config.bundled_sweeps()["default"], ["loggers={wandb: {group: g}, mlflow: {tracking_uri: "
                                                             "file:/tmp/mlruns}}"])
-    wandb_cb, mlflow_cb = tune.logger_callbacks(sweep)
+    wandb_cb, mlflow_cb = loggers.logger_callbacks(sweep)
     assert isinstance(wandb_cb, WandbLoggerCallback) and (wandb_cb.project, wandb_cb.group) == ("default", "g")
     assert isinstance(mlflow_cb, MLflowLoggerCallback) and mlflow_cb.experiment_name == "default"
     bad = load_sweep(config.bundled_sweeps()["default"], ["loggers.mlflow.tracking_url=x"])
     with pytest.raises(UsageError, match=r"loggers.mlflow.tracking_url: not an option of Ray's MLflowLoggerCallback"):
-        tune.logger_callbacks(bad)
+        loggers.logger_callbacks(bad)
 
 
 # ---------------------------------------------------------------- 14: the live table shows what the grid varies
 
 
 def test_live_table_columns_are_the_grid_s_varied_keys():
-    from bench import tune
+    from bench.sweep import grid, loggers
 
     default = load_sweep(config.bundled_sweeps()["default"])
-    assert list(tune.varied_columns(default).values()) == ["method.name", "method.meta_grad", "seed"]
+    assert list(grid.varied_columns(default).values()) == ["method.name", "method.meta_grad", "seed"]
     ablation = load_sweep(config.bundled_sweeps()["l2w-ablation"])
-    assert list(tune.varied_columns(ablation).values()) == [
+    assert list(grid.varied_columns(ablation).values()) == [
         "method.epsilon", "method.normalize", "method.wpn_input", "method.target_p", "method.meta_interval",
         "method.meta_objective", "seed"]
     one = load_sweep(config.bundled_sweeps()["default"], ["grid={}", "seeds=[0]", "search.num_samples=2",
                                                           "search.space={optim.lr: {loguniform: [0.01, 0.1]}}"])
-    assert tune.varied_columns(one) == {"point/trial/seed": "seed", "point/trial/optim/lr": "optim.lr"}
-    reporter = tune._reporter(default)
+    assert grid.varied_columns(one) == {"point/trial/seed": "seed", "point/trial/optim/lr": "optim.lr"}
+    reporter = loggers.reporter(default)
     assert "method.label_smoothing" not in reporter._parameter_columns.values()
 
 

@@ -1,7 +1,7 @@
-"""One trial on several workers (bench/distributed.py).
+"""One trial on several workers (bench/trial/distributed.py, bench/trial/workers.py).
 
 Math: two gloo processes (torch.multiprocessing, no Ray) run the strategies through `Workers`, the seam
-bench.train.run gives every rank; the results are compared with one process on the whole batch (every strategy
+bench.trial.train.run gives every rank; the results are compared with one process on the whole batch (every strategy
 kept to one process's math on the global batch), with L2W-DEN's DDP rule written out here
 (each rank's pseudo step on its own half batch, the WPN meta-gradient averaged) and with Boosted's
 train_imagenet.py rule (loss_equal's averages per rank). Ray: sweeps and `exitbench train` with 2-worker trials
@@ -121,7 +121,7 @@ def _joined(rank: int, scenarios, port: int, out: str) -> None:
 def _rank(rank: int, shared: Path, scratch: Path) -> dict:
     """Every scenario on this rank's half of each global batch."""
     from bench.config import validate_trial
-    from bench.distributed import Workers
+    from bench.trial.workers import Workers
 
     results = {}
     share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
@@ -219,7 +219,7 @@ def test_boosted_loss_equal_on_two_workers_is_train_imagenet_rule(two_ranks):
         assert all(theirs == pytest.approx(ours, abs=1e-6) for theirs, ours in zip(every, emas, strict=True))
 
 
-# The engine (bench.train.run) on two gloo ranks, training mode and per-rank BatchNorm statistics as in a real
+# The engine (bench.trial.train.run) on two gloo ranks, training mode and per-rank BatchNorm statistics as in a real
 # trial: every strategy keeps its ranks' parameters identical through a whole run, its epochs' ends included.
 ENGINE = {name: {"method": name} for name in ("pcgrad", "cagrad", "kd-anneal", "byot", "ztw", "meta-gf")}
 ENGINE["boosted"] = {"method": {"name": "boosted", "loss_equal": True}}
@@ -243,9 +243,9 @@ def _interrupt_after(epoch: int):
 def _engine_rank(rank: int, shared: Path, scratch: Path) -> dict:
     from test_tune import TINY
 
-    from bench import train
     from bench.config import validate_trial
-    from bench.distributed import Workers
+    from bench.trial import train
+    from bench.trial.workers import Workers
 
     class Keep(Workers):  # every rank's checkpoint state, which only rank 0 writes
         def save(self, path, state):
@@ -547,9 +547,9 @@ def test_a_plugin_strategy_not_made_for_ddp_is_refused_on_several_workers(run_cl
 def test_bad_distributed_sweeps_are_one_line_exit_2(run_cli, tmp_path, monkeypatch, overrides, message):
     from test_tune import TINY, one_line, sweep_file
 
-    from bench import tune
+    from bench.sweep import cluster
 
-    monkeypatch.setattr(tune, "_local_machine", lambda: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr(cluster, "local_machine", lambda: {"CPU": 2.0, "GPU": 0.0})
     path = sweep_file(tmp_path, "bad", base=TINY, grid={}, seeds=[0])
     code, out, err = run_cli("sweep", path, *overrides, "--quiet")
     assert code == 2 and message in one_line(err), err

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench import evaluate as ev
 from bench.errors import UsageError
+from bench.evaluate import curves, protocol
+from bench.evaluate.logits import KEYS, collect_logits, load_logits, save_logits
 
 
 def two_class(margins):
@@ -86,7 +87,7 @@ def reference_scores(logits, confidence):
     probs = torch.softmax(logits.float(), dim=2)
     conf, pred = probs.max(dim=2)
     if confidence != "max_softmax":  # the reference has only max softmax; use ours for the other two
-        conf = ev.exit_scores(logits, torch.zeros(logits.shape[1], dtype=torch.long), confidence)[0]
+        conf = protocol.exit_scores(logits, torch.zeros(logits.shape[1], dtype=torch.long), confidence)[0]
     return conf, pred
 
 
@@ -103,7 +104,7 @@ def assert_same_budgets(ours, reference):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(K=st.integers(1, 4), C=st.integers(1, 4), n_val=st.integers(1, 24), n_test=st.integers(1, 12),
-       seed=st.integers(0, 2**31 - 1), confidence=st.sampled_from(ev.CONFIDENCES),
+       seed=st.integers(0, 2**31 - 1), confidence=st.sampled_from(protocol.CONFIDENCES),
        values=st.sampled_from([(0.0, 1.0), (-1.0, 0.0, 2.0), (0.0, 0.5, 1.0, 40.0)]))
 def test_budgeted_matches_slow_reference_transcription(K, C, n_val, n_test, seed, confidence, values):
     # Logits drawn from a few values so confidences tie (within and across exits, saturated at 1.0 too).
@@ -114,7 +115,7 @@ def test_budgeted_matches_slow_reference_transcription(K, C, n_val, n_test, seed
     val_y = torch.randint(C, (n_val,), generator=g)
     test_y = torch.randint(C, (n_test,), generator=g)
     macs = torch.cumsum(torch.randint(1, 100, (K,), generator=g).double(), 0)
-    ours = ev.budgeted(val_logits, val_y, test_logits, test_y, macs, confidence=confidence)
+    ours = protocol.budgeted(val_logits, val_y, test_logits, test_y, macs, confidence=confidence)
     reference = reference_dynamic(*reference_scores(val_logits, confidence), val_y,
                                   *reference_scores(test_logits, confidence), test_y, macs)
     assert_same_budgets(ours, reference)
@@ -129,7 +130,7 @@ def test_tie_at_threshold_lets_more_exit():
     margins = [5.0, 4.0, 3.0, 2.0, 2.0, 2.0, 2.0, 1.0, 0.0, -1.0]
     logits = torch.stack([two_class(margins), two_class(margins)])
     labels = torch.zeros(10, dtype=torch.long)
-    row = ev.budgeted(logits, labels, logits, labels, [10.0, 30.0])[19]
+    row = protocol.budgeted(logits, labels, logits, labels, [10.0, 30.0])[19]
     assert row["p"] == 20
     assert row["thresholds"] == [conf_of(2.0), None]
     assert row["exit_fractions"] == [0.7, 0.3]
@@ -141,7 +142,7 @@ def test_quota_below_one_and_empty_exit():
     margins = [3.0, 2.0, 1.0]
     logits = torch.stack([two_class(margins)] * 3)
     labels = torch.tensor([0, 0, 1])
-    row = ev.budgeted(logits, labels, logits, labels, [1.0, 2.0, 3.0])[0]
+    row = protocol.budgeted(logits, labels, logits, labels, [1.0, 2.0, 3.0])[0]
     assert row["thresholds"] == [conf_of(2.0), None, None]
     assert row["exit_fractions"] == pytest.approx([2 / 3, 0.0, 1 / 3])
     assert row["val_acc"] == pytest.approx(100 * 2 / 3)  # sample 3 is wrong at every exit
@@ -152,7 +153,7 @@ def test_fewer_remaining_than_quota_means_nobody_exits():
     # then finds fewer samples than its quota (0 < 1) and its threshold is "never".
     logits = torch.stack([two_class([1.0] * 4), two_class([9.0, 8.0, 7.0, 6.0]), two_class([0.0] * 4)])
     labels = torch.zeros(4, dtype=torch.long)
-    row = ev.budgeted(logits, labels, logits, labels, [1.0, 2.0, 3.0])[19]
+    row = protocol.budgeted(logits, labels, logits, labels, [1.0, 2.0, 3.0])[19]
     assert row["thresholds"] == [conf_of(1.0), None, None]
     assert row["exit_fractions"] == [1.0, 0.0, 0.0]
 
@@ -162,7 +163,7 @@ def test_all_test_samples_confident_at_exit_one():
     val = torch.randn(2, 20, 2, generator=g)
     test = torch.stack([two_class([100.0] * 6), two_class([0.5] * 6)])  # softmax saturates to exactly 1.0
     test_y = torch.tensor([0, 0, 0, 1, 1, 1])
-    for row in ev.budgeted(val, torch.zeros(20, dtype=torch.long), test, test_y, [5.0, 8.0]):
+    for row in protocol.budgeted(val, torch.zeros(20, dtype=torch.long), test, test_y, [5.0, 8.0]):
         assert row["exit_fractions"] == [1.0, 0.0]
         assert row["expected_macs"] == 5.0 and row["test_acc"] == 50.0
 
@@ -172,17 +173,17 @@ def test_single_exit():
     val, test = torch.randn(1, 7, 3, generator=g), torch.randn(1, 5, 3, generator=g)
     test_y = test[0].argmax(1)
     test_y[0] = (test_y[0] + 1) % 3
-    rows = ev.budgeted(val, torch.zeros(7, dtype=torch.long), test, test_y, [42.0])
+    rows = protocol.budgeted(val, torch.zeros(7, dtype=torch.long), test, test_y, [42.0])
     assert len(rows) == 39
     assert all(r["exit_fractions"] == [1.0] and r["thresholds"] == [None] and r["test_acc"] == 80.0
                and r["expected_macs"] == 42.0 for r in rows)
-    report = ev.evaluate_logits(logits_dict(val, torch.zeros(7, dtype=torch.long), test, test_y, [42.0]))
+    report = protocol.evaluate_logits(logits_dict(val, torch.zeros(7, dtype=torch.long), test, test_y, [42.0]))
     assert report["summary"]["auc"] == 80.0 and report["summary"]["oracle_acc"] == 80.0
 
 
 def test_proportions_and_quotas_follow_the_reference_formula():
     for K in (1, 2, 5, 7):
-        props = ev.budget_proportions(K)
+        props = protocol.budget_proportions(K)
         assert props.shape == (39, K) and props.dtype == torch.float32
         for p in (1, 20, 39):
             _p = torch.zeros(1).fill_(p / 20)
@@ -190,29 +191,29 @@ def test_proportions_and_quotas_follow_the_reference_formula():
             ref /= ref.sum()
             assert torch.equal(props[p - 1], ref)
             for n in (3, 1000, 50000, 1281167):
-                assert ev.exit_quotas(n, props[p - 1]).tolist() == [math.floor(n * ref[k]) for k in range(K)]
-    assert ev.exit_quotas(50000, ev.budget_proportions(5)[19]).tolist() == [10000] * 5
+                assert protocol.exit_quotas(n, props[p - 1]).tolist() == [math.floor(n * ref[k]) for k in range(K)]
+    assert protocol.exit_quotas(50000, protocol.budget_proportions(5)[19]).tolist() == [10000] * 5
 
 
 def test_confidences():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 3.0, 1.0], [0.0, 4.0, 4.0]]])
     labels = torch.tensor([0, 2, 1, 2])
     p = torch.softmax(logits[0].double(), 1)
-    conf, top1, top5 = ev.exit_scores(logits, labels, "max_softmax")
+    conf, top1, top5 = protocol.exit_scores(logits, labels, "max_softmax")
     assert top5 is None
     assert torch.allclose(conf[0].double(), p.max(1).values, atol=1e-6)
-    conf, _, _ = ev.exit_scores(logits, labels, "entropy")
+    conf, _, _ = protocol.exit_scores(logits, labels, "entropy")
     assert torch.allclose(conf[0].double(), (p * p.log()).sum(1), atol=1e-6)
     assert conf[0, 1] == pytest.approx(-math.log(3), abs=1e-6)  # uniform: lowest confidence
-    conf, _, _ = ev.exit_scores(logits, labels, "margin")
+    conf, _, _ = protocol.exit_scores(logits, labels, "margin")
     top2 = p.topk(2, 1).values
     assert torch.allclose(conf[0].double(), top2[:, 0] - top2[:, 1], atol=1e-6)
     # Ties: the first index wins, as argmax does.
-    for confidence in ev.CONFIDENCES:
-        _, top1, top5 = ev.exit_scores(logits, labels, confidence, top5=True)
+    for confidence in protocol.CONFIDENCES:
+        _, top1, top5 = protocol.exit_scores(logits, labels, confidence, top5=True)
         assert top1[0].tolist() == [True, False, True, False] and top5[0].all()
     with pytest.raises(UsageError, match="confidence"):
-        ev.exit_scores(logits, labels, "energy")
+        protocol.exit_scores(logits, labels, "energy")
 
 
 def test_anytime_top1_top5_and_ties():
@@ -220,7 +221,7 @@ def test_anytime_top1_top5_and_ties():
     logits = torch.randn(3, 50, 8, generator=g)
     logits[:, :5] = 0.0  # whole rows tied: the prediction is class 0, the top 5 are classes 0..4
     labels = torch.randint(8, (50,), generator=g)
-    rows = ev.anytime(logits, labels, [1.0, 2.0, 3.0])
+    rows = protocol.anytime(logits, labels, [1.0, 2.0, 3.0])
     for k, row in enumerate(rows):
         pred = logits[k].argmax(1)
         top5 = torch.stack([logits[k, i].topk(5).indices for i in range(50)])  # no ties outside rows 0..4
@@ -232,18 +233,18 @@ def test_anytime_top1_top5_and_ties():
 def test_chunked_scores_cover_many_rows():
     # More rows than one chunk, ties in a later chunk, and enough work for the worker threads.
     g = torch.Generator().manual_seed(3)
-    n = ev._ROWS * 2 + 17
+    n = protocol._ROWS * 2 + 17
     logits = torch.randn(2, n, 6, generator=g)
     logits[1, -3] = 1.0
     logits[1, -2, :3] = 9.0
     labels = torch.randint(6, (n,), generator=g)
     labels[-3], labels[-2] = 4, 1
     for workers_threshold in (1 << 20, 1):  # one thread, then two workers
-        ev._MIN_WORK_PER_THREAD, before = workers_threshold, ev._MIN_WORK_PER_THREAD
+        protocol._MIN_WORK_PER_THREAD, before = workers_threshold, protocol._MIN_WORK_PER_THREAD
         try:
-            conf, top1, top5 = ev.exit_scores(logits, labels, top5=True)
+            conf, top1, top5 = protocol.exit_scores(logits, labels, top5=True)
         finally:
-            ev._MIN_WORK_PER_THREAD = before
+            protocol._MIN_WORK_PER_THREAD = before
         assert torch.equal(conf, torch.softmax(logits, 2).max(2).values)
         assert torch.equal(top1, logits.argmax(2) == labels)
         assert not top1[1, -3] and top5[1, -3]  # label 4 is 5th among six equal logits
@@ -255,12 +256,12 @@ def test_threshold_sweep_uses_strict_comparison():
     logits = torch.stack([two_class([1.0, 3.0, 0.5]), two_class([5.0, 5.0, -5.0])])
     labels = torch.tensor([0, 0, 1])
     t = conf_of(1.0)
-    rows = ev.threshold_sweep(logits, labels, [10.0, 20.0], thresholds=[0.0, t, 1.0])
+    rows = protocol.threshold_sweep(logits, labels, [10.0, 20.0], thresholds=[0.0, t, 1.0])
     # At t = sigmoid(1) sample 0 (exactly at t) does not exit: the comparison is strict.
     assert [r["exit_fractions"] for r in rows] == [[1.0, 0.0], [1 / 3, 2 / 3], [0.0, 1.0]]
     assert rows[1]["expected_macs"] == pytest.approx(10 / 3 + 40 / 3)
     assert rows[0]["acc"] == pytest.approx(200 / 3) and rows[1]["acc"] == 100.0 and rows[2]["acc"] == 100.0
-    default = ev.threshold_sweep(logits, labels, [10.0, 20.0], confidence="entropy")
+    default = protocol.threshold_sweep(logits, labels, [10.0, 20.0], confidence="entropy")
     assert len(default) == 101 and default[0]["threshold"] == pytest.approx(-math.log(2))
 
 
@@ -269,21 +270,21 @@ def test_threshold_sweep_uses_strict_comparison():
 
 def test_envelope_interpolation_and_speedup():
     curve = [(1.0, 50.0), (2.0, 70.0), (3.0, 60.0), (4.0, 80.0), (1.5, 40.0)]
-    assert ev.envelope(curve) == [(1.0, 50.0), (2.0, 70.0), (4.0, 80.0)]
-    assert ev.acc_at(curve, 0.5) is None
-    assert ev.acc_at(curve, 1.5) == pytest.approx(60.0)
-    assert ev.acc_at(curve, 3.0) == pytest.approx(75.0)
-    assert ev.acc_at(curve, 9.0) == 80.0
-    assert ev.macs_to_reach(curve, 45.0) == 1.0
-    assert ev.macs_to_reach(curve, 75.0) == pytest.approx(3.0)
-    assert ev.macs_to_reach(curve, 81.0) is None
+    assert curves.envelope(curve) == [(1.0, 50.0), (2.0, 70.0), (4.0, 80.0)]
+    assert curves.acc_at(curve, 0.5) is None
+    assert curves.acc_at(curve, 1.5) == pytest.approx(60.0)
+    assert curves.acc_at(curve, 3.0) == pytest.approx(75.0)
+    assert curves.acc_at(curve, 9.0) == 80.0
+    assert curves.macs_to_reach(curve, 45.0) == 1.0
+    assert curves.macs_to_reach(curve, 75.0) == pytest.approx(3.0)
+    assert curves.macs_to_reach(curve, 81.0) is None
     baseline = [(2.0, 50.0), (8.0, 80.0)]
-    assert ev.speedup_at_equal_accuracy(curve, baseline, 80.0) == pytest.approx(2.0)
-    assert ev.speedup_at_equal_accuracy(curve, baseline, 90.0) is None
+    assert curves.speedup_at_equal_accuracy(curve, baseline, 80.0) == pytest.approx(2.0)
+    assert curves.speedup_at_equal_accuracy(curve, baseline, 90.0) is None
     # Area of 50->70 over [1,2] plus 70->80 over [2,4], divided by 3.
-    assert ev.area_under(curve, 1.0, 4.0) == pytest.approx((60.0 + 2 * 75.0) / 3)
+    assert curves.area_under(curve, 1.0, 4.0) == pytest.approx((60.0 + 2 * 75.0) / 3)
     with pytest.raises(UsageError, match="cheapest point"):
-        ev.area_under(curve, 0.5, 4.0)
+        curves.area_under(curve, 0.5, 4.0)
 
 
 def test_summary_and_oracle():
@@ -293,8 +294,8 @@ def test_summary_and_oracle():
     budgets = [{"p": 1, "expected_macs": 20.0, "test_acc": 65.0}, {"p": 2, "expected_macs": 25.0, "test_acc": 72.0}]
     # Oracle: sample 0 right at exit 2, sample 1 never right (goes to exit 3), sample 2 right at exit 1.
     top1 = torch.tensor([[False, False, True], [True, False, True], [True, False, False]])
-    s = ev.summarise(budgets, anytime_rows, [10.0, 30.0, 40.0], test_top1=top1, at_macs=[15.0],
-                     target_accs=[72.0, 99.0])
+    s = protocol.summarise(budgets, anytime_rows, [10.0, 30.0, 40.0], test_top1=top1, at_macs=[15.0],
+                           target_accs=[72.0, 99.0])
     assert s["acc_at_25pct"] == 50.0 and s["acc_at_50pct"] == pytest.approx(65.0)
     assert s["acc_at_100pct"] == 72.0 and s["acc_at_macs"] == [{"macs": 15.0, "acc": pytest.approx(57.5)}]
     assert s["best_acc"] == 72.0 and s["best_acc_macs"] == 25.0
@@ -308,8 +309,30 @@ def test_summary_and_oracle():
     assert s["oracle_acc"] == pytest.approx(200 / 3) and s["oracle_macs"] == pytest.approx((30 + 40 + 10) / 3)
     # Every exit alone is a point of the curve: a strong middle exit lifts the envelope.
     anytime_rows[1]["top1"] = 80.0
-    s = ev.summarise(budgets, anytime_rows, [10.0, 30.0, 40.0])
+    s = protocol.summarise(budgets, anytime_rows, [10.0, 30.0, 40.0])
     assert s["acc_at_75pct"] == 80.0 and s["best_acc"] == 72.0 and "oracle_acc" not in s
+
+
+def test_summary_and_reports_read_one_curve():
+    """A trial's summary (`protocol.summarise`) and the reports (`Curves` over many trials) compute the budgeted
+    curve once: acc_at_*pct and auc equal `Curves.envelopes(...).at(...)` / `.mean_over(...)` on the same points."""
+    anytime_rows = [{"exit": 1, "top1": 41.5, "top5": 80.0, "macs": 12.0},
+                    {"exit": 2, "top1": 63.25, "top5": 90.0, "macs": 31.0},
+                    {"exit": 3, "top1": 58.0, "top5": 91.0, "macs": 47.0},
+                    {"exit": 4, "top1": 71.125, "top5": 95.0, "macs": 60.0}]
+    budgets = [{"p": 1, "expected_macs": 15.5, "test_acc": 47.3}, {"p": 2, "expected_macs": 22.75, "test_acc": 59.9},
+               {"p": 3, "expected_macs": 29.0, "test_acc": 57.0}, {"p": 4, "expected_macs": 38.2, "test_acc": 68.4},
+               {"p": 5, "expected_macs": 52.6, "test_acc": 70.05}]
+    s = protocol.summarise(budgets, anytime_rows, [12.0, 31.0, 47.0, 60.0])
+    # The same operating points written out, in another order: each exit alone, then the budgets.
+    macs = [60.0, 47.0, 31.0, 12.0, 52.6, 38.2, 29.0, 22.75, 15.5]
+    acc = [71.125, 58.0, 63.25, 41.5, 70.05, 68.4, 57.0, 59.9, 47.3]
+    reports = curves.Curves.envelopes(["t"] * len(macs), macs, acc)
+    at = reports.at([[60.0 * pct / 100 for pct in (25, 50, 75, 100)]])[0]
+    for pct, value in zip((25, 50, 75, 100), at):
+        assert abs(s[f"acc_at_{pct}pct"] - value) <= 1e-12, pct
+    assert abs(s["auc"] - reports.mean_over([12.0], [60.0])[0]) <= 1e-12
+    assert s["auc_range"] == [12.0, 60.0]
 
 
 # ------------------------------------------------------------------------------------ logits files and CLI
@@ -328,12 +351,12 @@ class _TwoExits(torch.nn.Module):
 def test_collect_logits_eval_mode_no_grad():
     model = _TwoExits().train()
     x, y = torch.randn(10, 4), torch.randint(3, (10,))
-    logits, labels = ev.collect_logits(model, DataLoader(TensorDataset(x, y), batch_size=4), "cpu")
+    logits, labels = collect_logits(model, DataLoader(TensorDataset(x, y), batch_size=4), "cpu")
     assert logits.shape == (2, 10, 3) and logits.dtype == torch.float32 and not logits.requires_grad
     assert torch.equal(labels, y) and model.training  # mode restored
     assert torch.allclose(logits[1], 2 * model.a(x).detach())  # dropout off while collecting
     with pytest.raises(UsageError, match="no batches"):
-        ev.collect_logits(model, [], "cpu")
+        collect_logits(model, [], "cpu")
 
 
 def _good(K=3, n_val=30, n_test=20, C=5, seed=0):
@@ -346,13 +369,13 @@ def _good(K=3, n_val=30, n_test=20, C=5, seed=0):
 def test_save_load_roundtrip(tmp_path):
     data = _good()
     path = tmp_path / "run" / "logits.pt"
-    ev.save_logits(path, data["val_logits"], data["val_labels"], data["test_logits"], data["test_labels"], [1, 2, 3])
+    save_logits(path, data["val_logits"], data["val_labels"], data["test_logits"], data["test_labels"], [1, 2, 3])
     assert [p.name for p in path.parent.iterdir()] == ["logits.pt"]  # no temp file left
-    loaded = ev.load_logits(path)
-    assert set(loaded) == set(ev.KEYS)
+    loaded = load_logits(path)
+    assert set(loaded) == set(KEYS)
     assert torch.equal(loaded["val_logits"], data["val_logits"]) and loaded["macs"].tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(UsageError, match="increase strictly"):
-        ev.save_logits(tmp_path / "bad.pt", data["val_logits"], data["val_labels"], data["test_logits"],
+        save_logits(tmp_path / "bad.pt", data["val_logits"], data["val_labels"], data["test_logits"],
                        data["test_labels"], [1, 1, 3])
     assert not (tmp_path / "bad.pt").exists()
 
@@ -368,7 +391,7 @@ def test_cli_budget_good_file(run_cli, tmp_path):
     assert len(report["budgets"]) == 39
     assert set(report["budgets"][0]) == {"p", "exit_fractions", "thresholds", "test_acc", "val_acc", "expected_macs"}
     assert all(row["thresholds"][-1] is None for row in report["budgets"])  # last exit: always
-    assert report == json.loads(json.dumps(ev.evaluate_logits(ev.load_logits(path))))
+    assert report == json.loads(json.dumps(protocol.evaluate_logits(load_logits(path))))
     code, out, _ = run_cli("budget", path, "--confidence", "margin", "--at-macs", "2e6", "--target-acc", "30")
     assert code == 0
     for text in ("anytime", "budgeted batch", "confidence margin", "summary", "oracle exit", "at 2.0000 M MACs"):
@@ -432,10 +455,10 @@ def test_cli_budget_bad_auc_range(run_cli, tmp_path):
 
 def test_save_logits_of_a_view_saves_only_its_data(tmp_path):
     big = torch.randn(3, 1000, 5)
-    ev.save_logits(tmp_path / "a.pt", big[:, :10], torch.zeros(10, dtype=torch.long), big[:, 10:20],
+    save_logits(tmp_path / "a.pt", big[:, :10], torch.zeros(10, dtype=torch.long), big[:, 10:20],
                    torch.zeros(10, dtype=torch.long), [1, 2, 3])
     assert (tmp_path / "a.pt").stat().st_size < 20_000  # not the 60 kB of `big`
-    assert torch.equal(ev.load_logits(tmp_path / "a.pt")["test_logits"], big[:, 10:20])
+    assert torch.equal(load_logits(tmp_path / "a.pt")["test_logits"], big[:, 10:20])
 
 
 def test_cli_budget_names_which_best_it_prints(run_cli, tmp_path):

@@ -303,8 +303,8 @@ def test_odd_batches_and_bad_settings():
 def test_engine_resume_reproduces_uninterrupted_l2w_run(tmp_path):
     """The WPN, its Adam state and its schedule travel through the trial checkpoint."""
     pytest.importorskip("bench.evaluate")  # the engine's final evaluation (lands separately)
-    from bench import train
     from bench.config import validate_trial
+    from bench.trial import train
 
     def cfg(where):
         return validate_trial({

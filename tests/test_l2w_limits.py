@@ -16,14 +16,14 @@ import torch
 from bench import backbones, datasets
 from bench.config import load_trial
 from bench.registry import METHODS
-from bench.train import build_optimizer, seed_everything
+from bench.trial.train import build_optimizer, seed_everything
 
 SETTING = ["backbone=sdn", "backbone.arch=cifar_resnet20", "backbone.cuts=[layer1, layer2]", "data=synthetic",
            "data.image_size=16", "optim.lr=0.05", "device=cpu", "epochs=1", "progress=false"]
 
 
 def first_epoch(*overrides: str) -> tuple[int | None, list[float], list[torch.Tensor]]:
-    """Run the first epoch's steps (as bench.train.run does); returns the iteration whose loss is not finite
+    """Run the first epoch's steps (as bench.trial.train.run does); returns the iteration whose loss is not finite
     (or None), the exit-1 loss of each finite step and, for l2w, every weight matrix the WPN gave."""
     cfg = load_trial(None, [*SETTING, *overrides])
     seed_everything(cfg.seed, False)

@@ -1,5 +1,5 @@
-"""Real early-exit inference (bench.latency): same decisions as the simulated protocol, samples really leave the
-batch, lower latency at a low budget than at the last exit, and `exitbench latency` end to end."""
+"""Real early-exit inference (bench.evaluate.latency): same decisions as the simulated protocol, samples really
+leave the batch, lower latency at a low budget than at the last exit, and `exitbench latency` end to end."""
 
 import json
 import math
@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from bench import evaluate, latency, results, train
+from bench import results
 from bench.config import validate_trial
+from bench.evaluate import latency, protocol
 from bench.readout import build_readout, readout_outputs
 from bench.registry import BACKBONES, load_all
+from bench.trial import train
 
 load_all()
 
@@ -24,7 +26,7 @@ def model_and_data(widths, size=32, n_calib=60, n_test=40, classes=5):
     with torch.no_grad():
         calib_logits, test_logits = torch.stack(model(calib)), torch.stack(model(test))
     macs = torch.arange(1, len(widths) + 1, dtype=torch.float64) * 1e6
-    budgets = evaluate.budgeted(calib_logits, torch.zeros(n_calib, dtype=torch.long), test_logits, labels, macs)
+    budgets = protocol.budgeted(calib_logits, torch.zeros(n_calib, dtype=torch.long), test_logits, labels, macs)
     saved = {"test_logits": test_logits, "test_labels": labels, "macs": macs}
     return model, test, labels, saved, budgets
 
@@ -71,7 +73,7 @@ def test_real_exit_through_a_readout_equals_simulated(method):
         calib_out = torch.stack(readout_outputs(readout, model(calib)))
         test_out = torch.stack(readout_outputs(readout, model(x)))
     macs = torch.tensor([1e6, 2e6, 3e6], dtype=torch.float64)
-    budgets = evaluate.budgeted(calib_out, torch.zeros(60, dtype=torch.long), test_out, labels, macs)
+    budgets = protocol.budgeted(calib_out, torch.zeros(60, dtype=torch.long), test_out, labels, macs)
     saved = {"test_logits": test_out, "test_labels": labels, "macs": macs}
     rows = latency.run_latency(model, x, labels, saved, budgets[::4], torch.device("cpu"), 16, "max_softmax",
                                readout)
@@ -141,15 +143,15 @@ def test_latency_figure_caption_counts_the_measured_budgets(tmp_path, monkeypatc
     """`exitbench latency --budgets 1 20 39` measures 3 budgets; the caption said 'the 39 budgets' anyway."""
     import pandas as pd
 
-    from bench import report
+    from bench.report import figures
 
     captions = []
-    monkeypatch.setattr(report, "_save", lambda fig, out, name, caption: captions.append(caption) or [])
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, name, caption: captions.append(caption) or [])
     rows = [{"trial_id": "t", "device": "cpu", "policy": "exit", "p": None, "ms_p50": 0.1 * k, "real_acc_b1": 50.0}
             for k in (1, 2)]
     rows += [{"trial_id": "t", "device": "cpu", "policy": "budget", "p": p, "ms_p50": 0.1 + p / 100,
               "real_acc_b1": 60.0} for p in measured]
     runs = pd.DataFrame([{"trial_id": "t", "label": "uniform", "seed": 0}])
-    report.latency_figure(tmp_path, runs, pd.DataFrame(rows))
+    figures.latency_figure(tmp_path, runs, pd.DataFrame(rows))
     expected = "the 39 budgets'" if len(measured) == 39 else "3 of the 39 budgets' (--budgets)"
     assert captions == [f"lines: {expected} thresholds; crosses: each exit alone"]

@@ -194,8 +194,8 @@ def test_meta_gf_under_the_disjoint_regime_fuses_only_the_heads(tmp_path):
     earlier heads, so everything else leaves phase 2 exactly as phase 1 left it."""
     from test_surgery import DIGITS
 
-    from bench import train
     from bench.config import validate_trial
+    from bench.trial import train
 
     cfg = validate_trial({**DIGITS, "method": {"name": "meta-gf"}, "regime": {"name": "disjoint"},
                           "out_dir": str(tmp_path / "run")})

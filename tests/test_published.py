@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import published
 from bench.errors import UsageError
+from bench.report import published
 
 SHIPPED = Path(__file__).resolve().parents[1] / "results" / "published"
 HEADER = "method,dataset,backbone,metric,values,epochs,source"

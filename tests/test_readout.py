@@ -7,9 +7,11 @@ import pytest
 import torch
 import yaml
 
-from bench import evaluate, results, train
+from bench import results
 from bench.config import validate_trial
+from bench.evaluate import protocol
 from bench.readout import Readout, build_readout, check_causal, readout_macs, readout_outputs
+from bench.trial import train
 
 TINY = {
     "data": {"name": "synthetic", "num_classes": 4, "image_size": 8, "train_size": 96, "test_size": 40,
@@ -96,12 +98,12 @@ def test_boosted_run_evaluates_through_its_readout_everywhere(tmp_path, run_cli)
     code, out, err = run_cli("budget", run_dir / "logits.pt", "--json")
     assert code == 0, err
     assert json.loads(out)["budgets"] == record.budgets
-    raw_report = evaluate.evaluate_logits({**saved, "val_logits": saved["val_raw_logits"],
+    raw_report = protocol.evaluate_logits({**saved, "val_logits": saved["val_raw_logits"],
                                            "test_logits": saved["test_raw_logits"]})
     assert [b["thresholds"] for b in raw_report["budgets"]] != [b["thresholds"] for b in record.budgets]
     # the threshold sweep reads the same outputs
-    sweep = evaluate.threshold_sweep(saved["test_logits"], labels, saved["macs"])
-    by_hand = evaluate.threshold_sweep(torch.stack(readout_outputs(readout, list(saved["test_raw_logits"]))),
+    sweep = protocol.threshold_sweep(saved["test_logits"], labels, saved["macs"])
+    by_hand = protocol.threshold_sweep(torch.stack(readout_outputs(readout, list(saved["test_raw_logits"]))),
                                        labels, saved["macs"])
     assert sweep == by_hand
     # text output shows the readout's share of the MACs

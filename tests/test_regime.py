@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from bench import train
 from bench.config import RegimeConfig, validate_trial
 from bench.errors import ConfigError
+from bench.trial import train
 
 TINY = {
     "data": {"name": "synthetic", "num_classes": 4, "image_size": 8, "train_size": 96, "test_size": 40,

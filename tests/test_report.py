@@ -17,8 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench import report
-from bench.results import ResultRecord, write
+from bench.errors import UsageError
+from bench.evaluate.curves import Curves
+from bench.report import build, figures, frame, stats, tables
+from bench.results import ResultRecord, load, write
 
 M = 1e6
 T975 = {2: 4.302652729911275, 3: 3.182446305284263, 4: 2.7764451051977987}  # Student t 97.5 %, by d.o.f.
@@ -70,7 +72,7 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(sweep):
-    files = report.build_report(sweep)
+    files = build.build_report(sweep)
     return sweep / "report", files
 
 
@@ -91,7 +93,7 @@ def logit_ci(values, n_test=10_000):
 # ------------------------------------------------------------------------------------------- curves
 
 def test_curve_envelope_interpolation_and_inverse():
-    c = report.Curves.envelopes(["a"] * 5 + ["b"] * 2, [2, 1, 3, 3, 4, 5, 1], [50, 60, 55, 70, 65, 10, 20])
+    c = Curves.envelopes(["a"] * 5 + ["b"] * 2, [2, 1, 3, 3, 4, 5, 1], [50, 60, 55, 70, 65, 10, 20])
     macs, acc = c.points("a")
     assert macs.tolist() == [1, 3] and acc.tolist() == [60, 70]  # (2,50), (3,55), (4,65) are dominated
     assert c.points("b")[0].tolist() == [1] and c.points("b")[1].tolist() == [20]  # (5, 10) is dominated
@@ -106,8 +108,8 @@ def test_curve_envelope_interpolation_and_inverse():
 
 
 def test_per_trial_metrics_are_recomputed(sweep):
-    tables, _ = report.load_runs([str(sweep)])
-    metrics, _ = report.trial_metrics(tables)
+    tables, _ = frame.load_runs([str(sweep)])
+    metrics, _ = frame.trial_metrics(tables)
     m = metrics.set_index("trial_id")
     assert "l2w-e0.5-s3" not in m.index  # failed: no metrics, listed elsewhere
     u = m.loc["uniform-s1"]
@@ -122,15 +124,15 @@ def test_per_trial_metrics_are_recomputed(sweep):
 
 
 def _best_is_the_top_of_its_curve(store_dir):
-    tables, _ = report.load_runs([str(store_dir)])
-    metrics, _ = report.trial_metrics(tables)
+    tables, _ = frame.load_runs([str(store_dir)])
+    metrics, _ = frame.trial_metrics(tables)
     m = metrics.set_index("trial_id")
     points = pd.concat([tables.budgets[["trial_id", "test_acc"]].rename(columns={"test_acc": "acc"}),
                         tables.exits[["trial_id", "top1"]].rename(columns={"top1": "acc"})])
     highest = points.groupby("trial_id")["acc"].max().reindex(m.index)
     assert (m["best_acc"] >= tables.budgets.groupby("trial_id")["test_acc"].max().reindex(m.index)).all()
     assert (m["best_acc"] == highest).all()  # every budget and every exit alone lies on or under it
-    for f in report.FRACTIONS:
+    for f in frame.FRACTIONS:
         assert (m["best_acc"] >= m[f"acc_at_{f}"] - 1e-9).all()
     assert np.allclose(m["best_acc"], m["acc_at_100"])  # same curve: nothing costs more than the last exit
     assert ((m["best_at"] > 0) & (m["best_at"] <= 100 + 1e-9)).all()
@@ -168,7 +170,7 @@ def test_groups_means_and_logit_t_intervals(built):
 @given(st.lists(st.one_of(st.floats(0, 100), st.sampled_from([0.0, 100.0, 99.9, 0.1])), min_size=1, max_size=8),
        st.integers(1, 100_000))
 def test_an_interval_never_leaves_0_100(values, n_test):
-    mean, lo, hi, n = report.logit_t(np.array(values), n_test)
+    mean, lo, hi, n = stats.logit_t(np.array(values), n_test)
     assert n == len(values) and 0 <= mean <= 100
     if n < 3:
         assert np.isnan(lo) and np.isnan(hi)  # too few seeds: no interval at all
@@ -182,7 +184,7 @@ def test_intervals_near_the_bounds_and_too_few_seeds(tmp_path):
         write(record(f"hi{s}", "uniform", s, [50, 90, last], [(1.5, 80), (3, budget)], test_size=449), tmp_path)
     for s, last in enumerate([2.0, 30.0]):
         write(record(f"lo{s}", "l2w", s, [1, 1, last], [(3, last)], test_size=449), tmp_path)
-    report.build_report(tmp_path, plots=False)
+    build.build_report(tmp_path, plots=False)
     table = pd.read_csv(tmp_path / "report" / "table.csv")
     lows, highs = table.filter(like="_lo").to_numpy(), table.filter(like="_hi").to_numpy()
     assert np.nanmin(lows) >= 0 and np.nanmax(highs) <= 100
@@ -198,10 +200,10 @@ def test_intervals_near_the_bounds_and_too_few_seeds(tmp_path):
 
 def test_band_on_a_common_grid_only_where_every_seed_has_a_point():
     # Three seeds; seed c's cheapest point is 1.5 M (its exit 1 is missing), b's last exit is at 3 M.
-    c = report.Curves.envelopes(["a", "a", "a", "b", "b", "b", "c", "c"],
-                                [1, 2, 4, 1, 2, 3, 1.5, 4], [50, 70, 90, 40, 80, 85, 60, 95])
+    c = Curves.envelopes(["a", "a", "a", "b", "b", "b", "c", "c"],
+                         [1, 2, 4, 1, 2, 3, 1.5, 4], [50, 70, 90, 40, 80, 85, 60, 95])
     grid = np.array([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
-    mean, lo, hi, complete = report.curve_band(c, [4, 3, 4], grid)
+    mean, lo, hi, complete = figures.curve_band(c, [4, 3, 4], grid)
     assert complete.tolist() == [False, False, True, True, True, True, False, False]
     assert np.isnan(mean[~complete]).all() and np.isnan(lo[~complete]).all()  # no band, no jumping mean there
     a = [50 + 20 * (x - 1) if x <= 2 else 70 + 10 * (x - 2) for x in grid]
@@ -212,16 +214,16 @@ def test_band_on_a_common_grid_only_where_every_seed_has_a_point():
         assert mean[i] == pytest.approx(sum(values) / 3)
         assert (lo[i], hi[i]) == (pytest.approx(logit_ci(values)[0]), pytest.approx(logit_ci(values)[1]))
         assert 0 <= lo[i] <= mean[i] <= hi[i] <= 100
-    two = report.curve_band(c.take(["a", "b"]), [4, 3], grid)
+    two = figures.curve_band(c.take(["a", "b"]), [4, 3], grid)
     assert np.isfinite(two[0][2]) and np.isnan(two[1]).all()  # n = 2: a mean line, no band
 
 
 def test_figure_legends_name_the_interval_and_mark_fewer_seeds(built, sweep):
-    tables, _ = report.load_runs([str(sweep)])
-    metrics, _ = report.trial_metrics(tables)
-    agg = report.aggregate(tables.runs, metrics, tables.exits)
+    tables, _ = frame.load_runs([str(sweep)])
+    metrics, _ = frame.trial_metrics(tables)
+    agg = frame.aggregate(tables.runs, metrics, tables.exits)
     done = tables.runs[tables.runs["status"] == "finished"].assign(display=lambda d: d["label"])
-    texts = [s[3] for s in report._series(done, agg, report.method_palette(done["method"]))]
+    texts = [s[3] for s in figures.plot_series(done, agg, figures.method_palette(done["method"]))]
     assert "l2w (epsilon=0.5) · n = 3 (+1 failed)" in texts
     assert "l2w (epsilon=1) · n = 1 of 3: no CI (n < 3)" in texts and "uniform · n = 3" in texts
     out, files = built
@@ -234,23 +236,23 @@ def test_many_methods_are_told_apart_by_colour_and_line_style():
     methods with two variants each, no two lines share colour and style, and no two methods' bars colour and
     hatch."""
     names = [f"m{i:02d}" for i in range(20)]
-    palette = report.method_palette(reversed(names))
-    lines = [(palette[m], report._line_style(palette, m, j)) for m in names for j in range(2)]
+    palette = figures.method_palette(reversed(names))
+    lines = [(palette[m], figures.method_line_style(palette, m, j)) for m in names for j in range(2)]
     assert len(set(lines)) == len(lines)
-    assert len({(palette[m], report._hatch(palette, m)) for m in names}) == len(names)
-    assert len({palette[m] for m in names}) == report.PALETTE_SIZE
-    assert report._line_style(palette, "m00", 0) == "-" and report._hatch(palette, "m00") is None
-    assert report._line_style(palette, "m10", 0) == ":" and report._hatch(palette, "m10") == "//"
+    assert len({(palette[m], figures.method_hatch(palette, m)) for m in names}) == len(names)
+    assert len({palette[m] for m in names}) == figures.PALETTE_SIZE
+    assert figures.method_line_style(palette, "m00", 0) == "-" and figures.method_hatch(palette, "m00") is None
+    assert figures.method_line_style(palette, "m10", 0) == ":" and figures.method_hatch(palette, "m10") == "//"
 
 
 def test_paired_difference_band_along_the_budget():
     # Pairs (m_i, u_i); budgets as % of each pair's baseline last-exit MACs (4 M, then 2 M).
-    mine = report.Curves.envelopes(["m1", "m1", "m2", "m2", "m3", "m3"], [1, 4, 0.5, 2, 1, 4],
-                                   [60, 90, 50, 80, 62, 88])
-    base = report.Curves.envelopes(["u1", "u1", "u2", "u2", "u3", "u3"], [1, 4, 1, 2, 2, 4],
-                                   [50, 80, 40, 70, 60, 85])
+    mine = Curves.envelopes(["m1", "m1", "m2", "m2", "m3", "m3"], [1, 4, 0.5, 2, 1, 4],
+                            [60, 90, 50, 80, 62, 88])
+    base = Curves.envelopes(["u1", "u1", "u2", "u2", "u3", "u3"], [1, 4, 1, 2, 2, 4],
+                            [50, 80, 40, 70, 60, 85])
     pct = np.array([10.0, 25.0, 50.0, 100.0])
-    mean, lo, hi, complete = report.difference_band(mine, base, [4, 2, 4], pct)
+    mean, lo, hi, complete = figures.difference_band(mine, base, [4, 2, 4], pct)
 
     def line(x, x0, y0, x1, y1):
         return np.nan if x < x0 else y0 + (min(x, x1) - x0) / (x1 - x0) * (y1 - y0)
@@ -267,7 +269,7 @@ def test_paired_difference_band_along_the_budget():
         assert (lo[k], hi[k]) == (pytest.approx(np.mean(d) - ci(np.std(d, ddof=1), 3)),
                                   pytest.approx(np.mean(d) + ci(np.std(d, ddof=1), 3)))
     assert complete.tolist() == [False, False, True, True]
-    two = report.difference_band(mine.take(["m1", "m2"]), base.take(["u1", "u2"]), [4, 2], pct)
+    two = figures.difference_band(mine.take(["m1", "m2"]), base.take(["u1", "u2"]), [4, 2], pct)
     assert np.isfinite(two[0][3]) and np.isnan(two[1]).all()  # 2 pairs: a mean, no interval
 
 
@@ -299,7 +301,7 @@ def test_paired_differences_and_speedup(built):
 
 
 def test_speedup_at_a_stated_accuracy(sweep, tmp_path):
-    report.build_report(sweep, tmp_path, baseline="uniform", speedup_acc=75, plots=False)
+    build.build_report(sweep, tmp_path, baseline="uniform", speedup_acc=75, plots=False)
     r = pd.read_csv(tmp_path / "comparison.csv").query("variant == 'epsilon=0.5'").iloc[0]
     # uniform reaches 75 at 2.5 + 1.5 * (5-s)/10 M; l2w at 1.5 + (13-2s)/13 M (s=0: exactly 2.5).
     u = [2.5 + 1.5 * (5 - s) / 10 for s in range(3)]
@@ -331,7 +333,7 @@ def ablation(tmp_path_factory):
 
 @pytest.mark.slow  # imports every registered method (torch) to know uniform's defaults
 def test_every_group_is_paired_with_the_baseline_default_variant(ablation, tmp_path):
-    report.build_report(ablation, tmp_path, metric="last_acc", plots=False)
+    build.build_report(ablation, tmp_path, metric="last_acc", plots=False)
     comp = pd.read_csv(tmp_path / "comparison.csv", dtype={"variant": str}).fillna({"variant": ""})
     assert set(comp["baseline"]) == {"uniform"}
     rows = {(r["method"], r["variant"]): r for _, r in comp.iterrows()}
@@ -343,8 +345,8 @@ def test_every_group_is_paired_with_the_baseline_default_variant(ablation, tmp_p
     md = (tmp_path / "table.md").read_text()
     assert "### Against uniform (paired by seed)" in md and "| uniform (exit_weights=[1, 2, 4]) | 5 |" in md
     # A variant named as the tables print it becomes the baseline; plain uniform is then compared with it.
-    report.build_report(ablation, tmp_path / "v", baseline="uniform (exit_weights=[1, 2, 4])", metric="last_acc",
-                        plots=False)
+    build.build_report(ablation, tmp_path / "v", baseline="uniform (exit_weights=[1, 2, 4])", metric="last_acc",
+                       plots=False)
     comp = pd.read_csv(tmp_path / "v" / "comparison.csv", dtype={"variant": str}).fillna({"variant": ""})
     assert set(comp["baseline"]) == {"uniform (exit_weights=[1, 2, 4])"}
     plain = comp[(comp["method"] == "uniform") & (comp["variant"] == "")].iloc[0]
@@ -354,7 +356,7 @@ def test_every_group_is_paired_with_the_baseline_default_variant(ablation, tmp_p
 def test_paired_tests_with_holm_correction(ablation, tmp_path):
     from scipy.stats import ttest_rel
 
-    report.build_report(ablation, tmp_path, metric="last_acc", plots=False)
+    build.build_report(ablation, tmp_path, metric="last_acc", plots=False)
     comp = pd.read_csv(tmp_path / "comparison.csv", dtype={"variant": str}).fillna({"variant": ""})
     base = np.array(LAST[("uniform", None)])
     expected = {}
@@ -403,17 +405,17 @@ def test_paired_tests_with_holm_correction(ablation, tmp_path):
 
 
 def test_significance_reads_the_holm_adjusted_p():
-    assert report.significance(1.2, 0.01) == "yes: higher" and report.significance(-0.3, 0.049) == "yes: lower"
-    assert report.significance(2.0, 0.05) == "no" and report.significance(1.0, float("nan")) == "—"
+    assert tables.significance(1.2, 0.01) == "yes: higher" and tables.significance(-0.3, 0.049) == "yes: lower"
+    assert tables.significance(2.0, 0.05) == "no" and tables.significance(1.0, float("nan")) == "—"
 
 
 def test_holm_and_sign_flip_by_hand():
     # Sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1 = 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.2.
-    assert np.allclose(report.holm([0.01, 0.04, 0.03, 0.2, np.nan]), [0.04, 0.09, 0.09, 0.2, np.nan], equal_nan=True)
-    assert report.holm([0.5, 0.9]).tolist() == [1.0, 1.0]
-    assert report.sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8  # only all + and all - reach |6|
-    assert report.sign_flip_p([1.0, -1.0]) == 1.0
-    assert report.paired_t_p([0.0, 0.0, 0.0]) == 1.0
+    assert np.allclose(stats.holm([0.01, 0.04, 0.03, 0.2, np.nan]), [0.04, 0.09, 0.09, 0.2, np.nan], equal_nan=True)
+    assert stats.holm([0.5, 0.9]).tolist() == [1.0, 1.0]
+    assert stats.sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8  # only all + and all - reach |6|
+    assert stats.sign_flip_p([1.0, -1.0]) == 1.0
+    assert stats.paired_t_p([0.0, 0.0, 0.0]) == 1.0
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -448,7 +450,7 @@ def test_default_baseline_absent_is_a_note(tmp_path, run_cli, monkeypatch):
         write(l2w(s), tmp_path)
     write(l2w(1).model_copy(update={"trial_id": "l2w-repeat"}), tmp_path)
     write(record("d0", "distill", 0, None, None, status="failed", error=None), tmp_path)
-    monkeypatch.setattr(report, "figures", lambda *a, **k: [])  # drawn in the fixture already; saves seconds
+    monkeypatch.setattr(build, "figures", lambda *a, **k: [])  # drawn in the fixture already; saves seconds
     code, out, err = run_cli("report", tmp_path, "--metric", "best_acc")
     assert code == 0, err
     md = (tmp_path / "report" / "table.md").read_text()
@@ -464,7 +466,7 @@ def test_repeated_seeds_pair_one_to_one(tmp_path):
         for s in range(2):
             write(uniform(s).model_copy(update={"trial_id": f"u{k}-s{s}"}), tmp_path)
             write(l2w(s).model_copy(update={"trial_id": f"l{k}-s{s}"}), tmp_path)
-    report.build_report(tmp_path, plots=False)
+    build.build_report(tmp_path, plots=False)
     comp = pd.read_csv(tmp_path / "report" / "comparison.csv")
     assert comp["pairs"].tolist() == [6]
 
@@ -490,7 +492,7 @@ def test_committed_results_rebuild_from_their_store(tmp_path, sweep_name):
     """results/<sweep> holds the sweep's store: the committed tables are exactly what it gives."""
     committed = ROOT / "results" / sweep_name
     shutil.copytree(committed / "store", tmp_path / sweep_name / "store")  # the report never writes next to it
-    report.build_report(tmp_path / sweep_name, tmp_path / "out", baseline="uniform", plots=False)
+    build.build_report(tmp_path / sweep_name, tmp_path / "out", baseline="uniform", plots=False)
     for name in ("table.md", "table.csv", "table.tex", "comparison.csv", "failed.csv", "leaderboard.md"):
         assert (tmp_path / "out" / name).read_text() == (committed / name).read_text(), name
     assert "torch threads per trial:" in (committed / "table.md").read_text()
@@ -500,8 +502,8 @@ def test_committed_leaderboard_rebuilds_with_its_published_rows(tmp_path):
     """results/leaderboard.md is `make leaderboard-report`: both committed sweeps and the published rows."""
     for name in ("fashion-mnist", "default"):
         shutil.copytree(ROOT / "results" / name / "store", tmp_path / name / "store")
-    report.build_leaderboard([str(tmp_path / "fashion-mnist"), str(tmp_path / "default")], tmp_path / "out",
-                             published=[str(ROOT / "results" / "published")])
+    build.build_leaderboard([str(tmp_path / "fashion-mnist"), str(tmp_path / "default")], tmp_path / "out",
+                            published=[str(ROOT / "results" / "published")])
     committed = (ROOT / "results" / "leaderboard.md").read_text()
     assert (tmp_path / "out" / "leaderboard.md").read_text() == committed
     assert "## Published results (not run here)" in committed and "LeapLabTHU/L2W-DEN README" in committed
@@ -511,11 +513,11 @@ def test_copy_store_makes_the_report_rebuildable(sweep, tmp_path):
     out = tmp_path / "published"
     (out / "store" / "runs").mkdir(parents=True)
     (out / "store" / "runs" / "old-trial.parquet").write_text("from an earlier sweep")  # replaced, not merged
-    written = report.build_report(sweep, out, plots=False, copy_store=True)
+    written = build.build_report(sweep, out, plots=False, copy_store=True)
     assert out / "store" in written and not (out / "store" / "records").exists()
     assert not (out / "store" / "runs" / "old-trial.parquet").exists()
     first = (out / "table.md").read_text()
-    report.build_report(out, tmp_path / "again", plots=False)
+    build.build_report(out, tmp_path / "again", plots=False)
     again = (tmp_path / "again" / "table.md").read_text()
     assert again.split("\n", 1)[1] == first.split("\n", 1)[1]  # the title: no sweep name recorded, the folder's
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -557,11 +559,11 @@ def test_baseline_variant_named_with_whole_numbers(tmp_path):
         write(record(f"u-s{s}", "uniform", s, [50, 70, 90 + s], [(1.5, 65), (3, 89)]), tmp_path)
         write(record(f"w-s{s}", "uniform", s, [50, 70, 88 + s], [(1.5, 66), (3, 87)],
                      exit_weights=[1.0, 2.0, 4.0]), tmp_path)
-    runs = report.annotate(report.results.load(tmp_path)).runs
+    runs = frame.annotate(load(tmp_path)).runs
     spelt = "uniform (exit_weights=[1.0, 2.0, 4.0])"
     assert spelt in set(runs["label"])
     for name in (spelt, "uniform (exit_weights=[1, 2, 4])", "uniform (exit_weights=[1, 2.0, 4])"):
-        baseline, note = report.resolve_baseline(runs, name)
+        baseline, note = frame.resolve_baseline(runs, name)
         assert note is None and baseline.label == spelt and baseline.trial_ids == {"w-s0", "w-s1", "w-s2"}
-    with pytest.raises(report.UsageError, match="is not in this sweep"):
-        report.resolve_baseline(runs, "uniform (exit_weights=[1, 2, 5])")
+    with pytest.raises(UsageError, match="is not in this sweep"):
+        frame.resolve_baseline(runs, "uniform (exit_weights=[1, 2, 5])")

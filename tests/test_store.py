@@ -295,13 +295,13 @@ def test_store_scale_bad_arguments(args, message):
 
 
 def test_readme_store_example_runs(tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "results.load(" in b]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text()  # the results store's section
+    (block,) = [b for b in re.findall(r"```py\n(.*?)```", page, flags=re.S) if "results.load(" in b]
     sweep(tmp_path / "runs" / "default")
     results.write(record("t97", "l2w", seed=0), tmp_path / "runs" / "default")
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(block, "README-store", "exec"), scope)
+    exec(compile(block, "docs/sweeps.md-store", "exec"), scope)
     t = scope["t"]
     assert set(t.exits["trial_id"]) == set(t.budgets["trial_id"]) == {"t01", "t97"} and t.epochs.empty
     assert list(t.budgets.columns) == ["trial_id", "p", "test_acc", "expected_macs"]

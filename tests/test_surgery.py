@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from toys import ChainNet
 
-from bench import train
 from bench.config import validate_trial
 from bench.registry import METHODS, load_all
+from bench.trial import train
 from methods.cagrad import cagrad_direction
 from methods.pcgrad import project_conflicting
 

@@ -48,7 +48,7 @@ def test_a_sweep_twice_gives_identical_tables_equal_to_train(ray_session, run_cl
     record = results.load_record(tmp_path / "runs" / "first", runs["trial_id"].iloc[0])
     assert record.versions["torch_threads"] == "1" and "torch" in record.versions
     # ... and `exitbench train` of the stored config gives the same numbers.
-    from bench import train
+    from bench.trial import train
 
     again = train.run(validate_trial(record.config), tmp_path / "train")
     strip = [{k: v for k, v in row.items() if k not in TIMES} for row in again.epochs]
@@ -57,11 +57,11 @@ def test_a_sweep_twice_gives_identical_tables_equal_to_train(ray_session, run_cl
 
 
 def test_sweep_trials_run_at_the_sweep_s_thread_count():
-    from bench import tune
     from bench.config import bundled_sweeps, load_sweep
+    from bench.sweep import grid
 
-    assert [p["trial"]["threads"] for p in tune.grid_points(load_sweep(bundled_sweeps()["default"]))] == [1] * 9
+    assert [p["trial"]["threads"] for p in grid.grid_points(load_sweep(bundled_sweeps()["default"]))] == [1] * 9
     two = load_sweep(bundled_sweeps()["default"], ["resources.cpu=2", "seeds=[0]"])
-    assert {p["trial"]["threads"] for p in tune.grid_points(two)} == {2}
+    assert {p["trial"]["threads"] for p in grid.grid_points(two)} == {2}
     fixed = load_sweep(bundled_sweeps()["default"], ["threads=3", "seeds=[0]"])  # a trial field wins
-    assert {p["trial"]["threads"] for p in tune.grid_points(fixed)} == {3}
+    assert {p["trial"]["threads"] for p in grid.grid_points(fixed)} == {3}

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from bench import train
 from bench.config import ScheduleConfig, validate_trial
+from bench.trial import train
 
 TINY = {
     "data": {"name": "synthetic", "num_classes": 4, "image_size": 8, "train_size": 96, "test_size": 40,

@@ -114,7 +114,7 @@ def test_asha_stopped_trials_are_stored_as_stopped(ray_session, run_cli, tmp_pat
     """One trial at a time, learning rates best first: ASHA (grace 1, factor 2, 3 epochs) stops the trial
     with lr 1e-6 at its first rung, below the others' median training loss. It is stored as `stopped` with
     the epochs it trained, and the report counts it neither as a seed nor as a failure."""
-    from bench.report import build_report
+    from bench.report.build import build_report
 
     path = sweep_file(tmp_path, "asha", base=dict(TINY, epochs=3), grid={"optim.lr": [0.2, 0.1, 1e-6]}, seeds=[0],
                       max_concurrent=1, search={"scheduler": "asha", "metric": "loss", "mode": "min"})
@@ -170,7 +170,7 @@ def _ray_pids(lock: Path) -> list[tuple[int, float]]:
 
 
 def _alive(pid: int, started: float) -> bool:
-    from bench.tune import DriverLock
+    from bench.sweep.lock import DriverLock
 
     return DriverLock._alive(pid, started)
 
@@ -259,8 +259,8 @@ def _same_as_uninterrupted(sweep_dir: Path, tables, scratch: Path) -> None:
     """Every trial, killed part-way or not, ends exactly where one uninterrupted run of its config ends."""
     import torch
 
-    from bench import train
     from bench.config import validate_trial
+    from bench.trial import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the 1-CPU trials: the same reduction order
@@ -314,16 +314,16 @@ def test_resume_of_a_missing_sweep_is_one_line_exit_2(run_cli, tmp_path):
 
 
 def test_missing_default_sweep_is_one_line_exit_2(run_cli, monkeypatch, tmp_path):
-    from bench import tune
+    from bench.sweep import cli
 
-    monkeypatch.setattr(tune, "DEFAULT_SWEEP", tmp_path / "default.yaml")
+    monkeypatch.setattr(cli, "DEFAULT_SWEEP", tmp_path / "default.yaml")
     code, _, err = run_cli("sweep")
     assert code == 2 and "bundled default sweep" in one_line(err)
 
 
 def test_jobs_sample_the_search_space_on_every_grid_point_and_name_their_point():
     from bench.config import validate_sweep
-    from bench.tune import expand, grid_points, trial_dict
+    from bench.sweep.grid import expand, grid_points, trial_dict
 
     sweep = validate_sweep({"base": TINY, "grid": {**TWO_METHODS, "optim.momentum": [0.0, 0.9]}, "seeds": [3],
                             "search": {"num_samples": 2, "space": {"optim.lr": {"loguniform": [0.01, 0.5]}}}})
@@ -342,7 +342,7 @@ def test_jobs_sample_the_search_space_on_every_grid_point_and_name_their_point()
 
 def test_store_on_a_uri_round_trips(tmp_path):
     from bench.results import ResultRecord
-    from bench.tune import Store
+    from bench.sweep.store import Store
 
     store = Store(f"file://{tmp_path}/sweep")
     assert store.local and store.root == f"{tmp_path}/sweep"
@@ -357,7 +357,7 @@ def test_restore_takes_the_newest_checkpoint_that_loads_and_keeps_it(tmp_path):
     and the numbered ones of the previous attempt go."""
     import torch
 
-    from bench.tune import restore_checkpoint
+    from bench.trial.files import restore_checkpoint
 
     trial = tmp_path / "trial"
     for index, epoch in ((0, 1), (1, 2), (2, 3)):
@@ -382,13 +382,13 @@ def test_restore_takes_the_newest_checkpoint_that_loads_and_keeps_it(tmp_path):
 def test_an_empty_report_section_still_reports(run_cli, tmp_path, monkeypatch, section, reported):
     """`report: {}` is a report section (the README: a sweep with a `report:` section writes one), only its
     absence means no report; Ray is replaced by a finished outcome."""
-    import bench.report
-    import bench.tune
+    import bench.report.build
+    import bench.sweep.driver
 
     calls = []
-    monkeypatch.setattr(bench.tune, "run_sweep", lambda sweep, **_: bench.tune.Outcome(
+    monkeypatch.setattr(bench.sweep.driver, "run_sweep", lambda sweep, **_: bench.sweep.driver.Outcome(
         str(tmp_path / "runs" / sweep.name), sweep, trials=1, finished=1))
-    monkeypatch.setattr(bench.report, "build_report", lambda sweep_dir, **kw: calls.append(kw) or [])
+    monkeypatch.setattr(bench.report.build, "build_report", lambda sweep_dir, **kw: calls.append(kw) or [])
     changes = {} if section is None else {"report": section}
     code, out, err = run_cli("sweep", sweep_file(tmp_path, "rep", **changes), "--quiet")
     assert code == 0, out + err

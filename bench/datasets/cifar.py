@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, _removed_on_failure, _where
-from bench.datasets.splits import DataParams, Splits, _hold_out
+from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, absolute_path, removed_on_failure
+from bench.datasets.splits import DataParams, Splits, hold_out
 from bench.errors import UsageError
 from bench.registry import DATASETS
 
@@ -42,12 +42,13 @@ def _cifar_folder(name: str, root: Path, download: bool) -> Path:
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
-            with _removed_on_failure(root):
+            with removed_on_failure(root):
                 cls(str(root), train=True, download=True)
         except Exception as err:  # network, disk, checksum: one line for the user
-            raise UsageError(f"{name}: download into {_where(root)} failed: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"{name}: download into {absolute_path(root)} failed: "
+                             f"{str(err).splitlines()[0]}") from None
         return root / sub
-    looked = " and ".join(_where(c) for c in candidates)
+    looked = " and ".join(absolute_path(c) for c in candidates)
     raise UsageError(f"{name}: CIFAR python batches ({', '.join(train_files + test_files)}) not found in {looked}; "
                      f"set data.root=DIR (the folder holding {sub}/) or data.download=true")
 
@@ -101,7 +102,7 @@ def _read_cifar(name: str, folder: Path, files: list[str], label_key: str) -> tu
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[label_key], dtype=np.int64))
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError) as err:
-            raise UsageError(f"{name}: {_where(folder / f)} is not a CIFAR python batch ({type(err).__name__}: "
+            raise UsageError(f"{name}: {absolute_path(folder / f)} is not a CIFAR python batch ({type(err).__name__}: "
                              f"{err}); re-download it (data.download=true after removing the folder)") from None
     return np.concatenate(images), np.concatenate(labels)
 
@@ -114,10 +115,10 @@ def _cifar(name: str, p: CifarParams, seed: int) -> Splits:
     normalize = Normalize(*CIFAR_MEAN_STD[name])
     eval_tf = Pipeline(normalize)
     train_tf = Pipeline(RandomPadCropFlip(32, 4), normalize) if p.augment else eval_tf
-    train, val, info = _hold_out(ArrayImages(train_x, train_y, train_tf), ArrayImages(train_x, train_y, eval_tf),
+    train, val, info = hold_out(ArrayImages(train_x, train_y, train_tf), ArrayImages(train_x, train_y, eval_tf),
                                  len(train_y), p, seed, f"{name}'s training set")
     return Splits(train, val, ArrayImages(test_x, test_y, eval_tf), 10 if name == "cifar10" else 100, 3, 32,
-                  {"files": _where(folder), "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
+                  {"files": absolute_path(folder), "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
                    **info})
 
 

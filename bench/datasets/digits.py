@@ -7,7 +7,7 @@ import torch
 from pydantic import Field
 
 from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip
-from bench.datasets.splits import DataParams, Splits, _hold_out, heldout_split
+from bench.datasets.splits import DataParams, Splits, heldout_split, hold_out
 from bench.registry import DATASETS
 
 
@@ -35,7 +35,7 @@ def digits(p: DigitsParams, seed: int = 0) -> Splits:
     rest, test_idx, _ = heldout_split(len(labels), p.test_fraction, 0, "digits")
     rest_x, rest_y = images[rest], labels[rest]  # one array shared by both views
     train_view, eval_view = ArrayImages(rest_x, rest_y, train_tf), ArrayImages(rest_x, rest_y, eval_tf)
-    train, val, info = _hold_out(train_view, eval_view, len(rest), p, seed, "digits' training set")
+    train, val, info = hold_out(train_view, eval_view, len(rest), p, seed, "digits' training set")
     test = ArrayImages(images[test_idx], labels[test_idx], eval_tf)
     return Splits(train, val, test, 10, 1, p.image_size,
                   {"files": "sklearn.datasets.load_digits (bundled)", "train_transform": repr(train_tf),

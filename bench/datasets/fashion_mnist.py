@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, _removed_on_failure, _where
-from bench.datasets.splits import DataParams, Splits, _hold_out
+from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, absolute_path, removed_on_failure
+from bench.datasets.splits import DataParams, Splits, hold_out
 from bench.errors import UsageError
 from bench.registry import DATASETS
 
@@ -61,14 +61,14 @@ def _fmnist_folder(root: Path, download: bool) -> tuple[Path, list[Path]]:
         import torchvision
 
         try:
-            with _removed_on_failure(root):
+            with removed_on_failure(root):
                 for train in (True, False):
                     torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
         except Exception as err:
-            raise UsageError(f"fashion-mnist: download into {_where(root)} failed: {str(err).splitlines()[0]}"
+            raise UsageError(f"fashion-mnist: download into {absolute_path(root)} failed: {str(err).splitlines()[0]}"
                              ) from None
         return _fmnist_folder(root, False)
-    looked = ", ".join(_where(c) for c in candidates)
+    looked = ", ".join(absolute_path(c) for c in candidates)
     raise UsageError(f"fashion-mnist: IDX files ({', '.join(_FMNIST_FILES)}, gzipped or not) not found in {looked}; "
                      f"get them with `make data` (as root: apt-get install -y dataset-fashion-mnist), or set "
                      f"data.root=DIR or data.download=true")
@@ -96,8 +96,8 @@ def fashion_mnist(p: FashionMnistParams, seed: int = 0) -> Splits:
     eval_tf = Pipeline(normalize)
     train_tf = Pipeline(RandomPadCropFlip(p.image_size, max(1, p.image_size // 14)), normalize) \
         if p.augment else eval_tf
-    train, val, info = _hold_out(ArrayImages(train_x, train_y, train_tf), ArrayImages(train_x, train_y, eval_tf),
+    train, val, info = hold_out(ArrayImages(train_x, train_y, train_tf), ArrayImages(train_x, train_y, eval_tf),
                                  len(train_y), p, seed, "fashion-mnist's training set")
     return Splits(train, val, ArrayImages(test_x, test_y, eval_tf), 10, 1, p.image_size,
-                  {"files": _where(folder), "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
+                  {"files": absolute_path(folder), "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
                    **info})

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
-from bench.datasets.images import FileImages, Normalize, Pipeline, RandomPadCropFlip, ToArray, _where
-from bench.datasets.splits import DataParams, Splits, _hold_out
+from bench.datasets.images import FileImages, Normalize, Pipeline, RandomPadCropFlip, ToArray, absolute_path
+from bench.datasets.splits import DataParams, Splits, hold_out
 from bench.errors import UsageError
 from bench.registry import DATASETS
 
@@ -25,16 +25,18 @@ def _scan_folder(name: str, folder: Path, class_to_idx: dict[str, int] | None = 
 
     Sorted at every level so the order (and so the val permutation) is the same on every machine."""
     if not folder.is_dir():
-        raise UsageError(f"{name}: folder {_where(folder)} does not exist; set data.root=DIR holding train/ and val/")
+        raise UsageError(f"{name}: folder {absolute_path(folder)} does not exist; set data.root=DIR holding "
+                         f"train/ and val/")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
-        raise UsageError(f"{name}: {_where(folder)} holds no class folders; expected CLASS/IMAGE files "
+        raise UsageError(f"{name}: {absolute_path(folder)} holds no class folders; expected CLASS/IMAGE files "
                          f"(ImageFolder layout) under it")
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in classes if c not in class_to_idx]
     if unknown:
-        raise UsageError(f"{name}: {_where(folder)} has classes the training folder lacks: {', '.join(unknown[:5])}")
+        raise UsageError(f"{name}: {absolute_path(folder)} has classes the training folder lacks: "
+                         f"{', '.join(unknown[:5])}")
     paths: list[bytes] = []
     labels: list[int] = []
     for c in classes:
@@ -47,7 +49,7 @@ def _scan_folder(name: str, folder: Path, class_to_idx: dict[str, int] | None = 
                     paths.append(os.fsencode(os.path.join(rel, f)))
                     count += 1
         if count == 0:
-            raise UsageError(f"{name}: class folder {_where(folder / c)} holds no images "
+            raise UsageError(f"{name}: class folder {absolute_path(folder / c)} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
         labels.extend([class_to_idx[c]] * count)
     return classes, np.array(paths), np.array(labels, dtype=np.int64)
@@ -61,12 +63,12 @@ def _scan_tiny_val(name: str, folder: Path, class_to_idx: dict[str, int]) -> tup
             continue
         parts = line.split("\t")
         if len(parts) < 2 or parts[1] not in class_to_idx:
-            raise UsageError(f"{name}: {_where(folder / 'val_annotations.txt')} line {line_no}: expected "
+            raise UsageError(f"{name}: {absolute_path(folder / 'val_annotations.txt')} line {line_no}: expected "
                              f"'FILE<TAB>WNID...' with a WNID of train/, got {line[:60]!r}")
         paths.append(os.fsencode(parts[0]))
         labels.append(class_to_idx[parts[1]])
     if not paths:
-        raise UsageError(f"{name}: {_where(folder / 'val_annotations.txt')} lists no images")
+        raise UsageError(f"{name}: {absolute_path(folder / 'val_annotations.txt')} lists no images")
     return folder / "images", np.array(paths), np.array(labels, dtype=np.int64)
 
 
@@ -95,7 +97,8 @@ def _folder_root(name: str, root: Path, subs: Sequence[str]) -> Path:
     for folder in candidates:
         if (folder / "train").is_dir():
             return folder
-    raise UsageError(f"{name}: no train/ folder in {' or '.join(_where(c) for c in candidates)}; set data.root=DIR "
+    raise UsageError(f"{name}: no train/ folder in {' or '.join(absolute_path(c) for c in candidates)}; "
+                     f"set data.root=DIR "
                      f"holding train/ and val/ class folders (there is no download for {name})")
 
 
@@ -108,17 +111,17 @@ def _folder_splits(name: str, p: DataParams, seed: int, root: Path, train_tf: Ca
         test_folder, test_paths, test_labels = _scan_tiny_val(name, val_dir, class_to_idx)
     else:
         if not val_dir.is_dir():
-            raise UsageError(f"{name}: no val/ folder next to {_where(root / 'train')}: the test split is the "
+            raise UsageError(f"{name}: no val/ folder next to {absolute_path(root / 'train')}: the test split is the "
                              f"official val set, as class folders val/CLASS/IMAGE")
         _, test_paths, test_labels = _scan_folder(name, val_dir, class_to_idx)
         test_folder = val_dir
     # One scan, two views: the eval view reads the same files with evaluation transforms.
     train_view = FileImages(root / "train", paths, labels, train_tf)
     eval_view = FileImages(root / "train", paths, labels, eval_tf)
-    train, val, info = _hold_out(train_view, eval_view, len(labels), p, seed, f"{name}'s train/ folder")
+    train, val, info = hold_out(train_view, eval_view, len(labels), p, seed, f"{name}'s train/ folder")
     files_sha1 = hashlib.sha1(b"\n".join(paths.tolist()) + labels.tobytes()).hexdigest()
     return Splits(train, val, FileImages(test_folder, test_paths, test_labels, eval_tf), len(classes), 3, image_size,
-                  {"files": _where(root), "train_files_sha1": files_sha1, "train_transform": repr(train_tf),
+                  {"files": absolute_path(root), "train_files_sha1": files_sha1, "train_transform": repr(train_tf),
                    "eval_transform": repr(eval_tf), **info})
 
 

@@ -125,7 +125,7 @@ class FileImages(Dataset):
 
 
 @contextlib.contextmanager
-def _removed_on_failure(root: Path):
+def removed_on_failure(root: Path):
     """A download that fails leaves no folder behind that it created (the outermost missing one of `root`)."""
     root = root.absolute()
     created = None
@@ -141,5 +141,6 @@ def _removed_on_failure(root: Path):
         raise
 
 
-def _where(path: Path) -> str:
+def absolute_path(path: Path) -> str:
+    """A path as the user reads it in a message: user folder expanded, absolute."""
     return str(path.expanduser().absolute())

@@ -99,7 +99,7 @@ def heldout_split(n: int, val_size: float, seed: int, what: str = "the training 
     return train, val, hashlib.sha1(val.astype(np.int64).tobytes()).hexdigest()
 
 
-def _hold_out(train_view: Dataset, eval_view: Dataset, n: int, p: DataParams, seed: int, what: str
+def hold_out(train_view: Dataset, eval_view: Dataset, n: int, p: DataParams, seed: int, what: str
               ) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """(train, val, info): val = a seeded subset of the EVAL view; train = the rest of the train view."""
     train_idx, val_idx, digest = heldout_split(n, p.val_size, seed, what)
@@ -121,7 +121,7 @@ def _hold_out(train_view: Dataset, eval_view: Dataset, n: int, p: DataParams, se
 # --------------------------------------------------------------------------------------------------- loaders
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     # torch seeds each worker with base_seed + worker_id (base from the loader's generator); numpy and
     # random follow it so any library drawing from them is seeded too.
     seed = torch.initial_seed() % 2**32
@@ -149,7 +149,7 @@ def build(section: dict[str, Any], batch_size: int, seed: int = 0, device: str |
     name, params, splits = make_splits(section, seed)
     on_gpu = torch.device(device).type == "cuda"
     common = dict(num_workers=params.workers, pin_memory=on_gpu, persistent_workers=params.workers > 0,
-                  worker_init_fn=_seed_worker if params.workers > 0 else None)
+                  worker_init_fn=seed_worker if params.workers > 0 else None)
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=len(splits.train) > batch_size,
                        generator=g, **common)

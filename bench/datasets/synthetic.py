@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch.utils.data import TensorDataset
 
-from bench.datasets.splits import DataParams, Splits, _hold_out
+from bench.datasets.splits import DataParams, Splits, hold_out
 from bench.registry import DATASETS
 
 
@@ -33,6 +33,6 @@ def _synthetic_tensors(p: SyntheticParams, n: int, seed: int) -> TensorDataset:
 def synthetic(p: SyntheticParams, seed: int = 0) -> Splits:
     """Seeded random images around class prototypes: learnable, any size and class count (tests)."""
     full = _synthetic_tensors(p, p.train_size, 1)  # no augmentation: the train view is the eval view
-    train, val, info = _hold_out(full, full, len(full), p, seed, "synthetic's training set")
+    train, val, info = hold_out(full, full, len(full), p, seed, "synthetic's training set")
     return Splits(train, val, _synthetic_tensors(p, p.test_size, 2), p.num_classes, p.channels, p.image_size,
                   {"files": "generated (seeded)", "train_transform": "none", "eval_transform": "none", **info})

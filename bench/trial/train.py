@@ -1,26 +1,16 @@
 """The trial loop: config -> data -> backbone -> strategy -> epochs -> evaluation -> one ResultRecord.
 
-`run(cfg, run_dir)` is the whole trial. It runs standalone (`exitbench train`) and inside a Ray Tune
-trial (bench.tune passes `on_epoch` to report metrics and checkpoints). A run folder holds:
-
-    config.yaml     the validated, fully defaulted TrialConfig
-    checkpoint.pt   model, readout, optimiser, scheduler, strategy state, RNG states, epoch (written atomically)
-    metrics.jsonl   one line of metrics per finished epoch
-    logits.pt       per-exit outputs (readout applied) and raw logits on the calibration and test splits
-                    (see bench.evaluate)
-    result.json     the ResultRecord (bench.results)
+`run(cfg, run_dir)` is the whole trial. It runs standalone (`exitbench train`), inside a Ray Tune trial
+(bench.sweep.runner passes `on_epoch` to report metrics and checkpoints) and on every rank of a DDP worker
+group (bench.trial.distributed passes its `group`). It writes the run folder that bench.runfolder names.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import platform
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,24 +21,18 @@ import numpy as np
 import torch
 
 from bench import backbones, datasets
-from bench.config import OptimConfig, ScheduleConfig, TrialConfig, load_trial, split_config_arg, to_yaml, validate_trial
-from bench.errors import UsageError, check_output_dir
-from bench.regime import Regime
-from bench.results import ResultRecord, atomic_write_bytes, atomic_write_text
-
-CHECKPOINT = "checkpoint.pt"
+from bench.config import OptimConfig, ScheduleConfig, TrialConfig, resolve_device, to_yaml
+from bench.errors import UsageError
+from bench.evaluate.protocol import evaluate_model
+from bench.results import ResultRecord, atomic_write_text
+from bench.runfolder import CHECKPOINT, CONFIG, LOGITS, METRICS, RESULT
+from bench.trial.files import check_resumable, load_checkpoint, save_checkpoint
+from bench.trial.provenance import git_commit, package_versions
+from bench.trial.regime import Regime
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and iteration."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
-    return torch.device(name)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -85,34 +69,6 @@ def lr_factor(cfg: ScheduleConfig, iteration: int, total: int, steps_per_epoch: 
     return cfg.gamma**drops
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    # The intra-op thread count changes float summation order, hence the last digits of results.
-    out = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
-    for name in ("exitbench", "torch", "torchvision", "fvcore", "ray", "numpy", "pandas"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
-    return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def _rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
@@ -139,41 +95,6 @@ def _set_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> 
 
 def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder or its {CHECKPOINT})")
-    from bench.backbones.checkpoint import load_error, torch_load
-
-    try:
-        return torch_load(path)
-    except Exception as err:  # a truncated or foreign file: say what it is, not a traceback
-        raise UsageError(f"cannot read checkpoint {str(path)!r}: {load_error(err)}") from None
-
-
-RESUME_KEYS = ("epoch", "model", "optimizer", "scheduler", "strategy", "rng", "history", "train_time",
-               "train_images")
-
-
-def check_resumable(state: Any, path: Path) -> None:
-    """A checkpoint `train --resume` can continue: written by `bench.train.run` (another kind of torch file,
-    e.g. a bare state dict or a logits file, is one line, not a KeyError half-way through)."""
-    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        kind = f"a {type(state).__name__}" + (f" without {', '.join(repr(k) for k in missing[:3])}"
-                                              if isinstance(state, dict) else "")
-        raise UsageError(f"{str(path)!r} is not a training checkpoint of exitbench ({kind}); remove it or choose "
-                         f"another out_dir=...")
 
 
 def load_model_state(model: torch.nn.Module, state: Any, path: Path) -> None:
@@ -227,7 +148,7 @@ EpochCallback = Callable[[dict[str, Any], Path], None]
 
 class OneProcess:
     """The trial's place in a worker group, as `run` uses it: here a group of one, where every hook is the
-    identity. bench.distributed.Workers is the same seam for one rank of several DDP workers."""
+    identity. bench.trial.workers.Workers is the same seam for one rank of several DDP workers."""
 
     def shard(self, bundle):
         """The data this process trains on (all of it)."""
@@ -279,7 +200,7 @@ def build_trial(cfg: TrialConfig, device: torch.device, group: OneProcess | None
         raise UsageError(f"the training split has {bundle.info.get('train_size')} samples: fewer than one batch")
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model)
-    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)  # joint, or two phases (bench/regime.py)
+    regime = Regime(cfg.regime, cfg.epochs, steps_per_epoch)  # joint, or two phases (bench/trial/regime.py)
     strategy = regime.build_strategy(cfg.method, model=model, optimizer=optimizer, total_steps=total_steps,
                                      steps_per_epoch=steps_per_epoch, device=device, amp=cfg.amp, readout=readout)
     return TrialParts(bundle, model, readout, optimizer, regime, strategy, steps_per_epoch, total_steps)
@@ -292,7 +213,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
 
     With `resume`, an existing checkpoint in `run_dir` is continued exactly. `on_epoch(metrics,
     run_dir)` is called after each epoch's checkpoint is on disk (Ray Tune reports from there). `group`: this
-    process's rank of a DDP worker group (bench.distributed runs `run` on every rank); default, one process.
+    process's rank of a DDP worker group (bench.trial.distributed runs `run` on every rank); default, one process.
     """
     group = group or OneProcess()
     started = time.time()
@@ -342,7 +263,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         train_time, train_images = state["train_time"], state["train_images"]
     group.wrap(strategy, model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
 
     metrics_lines = [json.dumps(h) for h in history]
     K = model.num_exits
@@ -395,14 +316,12 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
             "rng": _rng_state(loader_generator), "history": history, "train_time": train_time,
             "train_images": train_images, "config": cfg.model_dump(mode="json"),
         })
-        atomic_write_text(run_dir / "metrics.jsonl", "\n".join(metrics_lines) + "\n")
+        atomic_write_text(run_dir / METRICS, "\n".join(metrics_lines) + "\n")
         if on_epoch is not None:
             on_epoch(row, run_dir)
 
-    from bench import evaluate
-
-    report = group.first(evaluate.evaluate_model, model, readout, bundle.calib, bundle.test, device, macs,
-                         readout_macs=readout_cost, confidence=cfg.eval.confidence, logits_path=run_dir / "logits.pt")
+    report = group.first(evaluate_model, model, readout, bundle.calib, bundle.test, device, macs,
+                         readout_macs=readout_cost, confidence=cfg.eval.confidence, logits_path=run_dir / LOGITS)
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
@@ -412,87 +331,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         data_info={k: v for k, v in bundle.info.items() if k != "val_indices"}, epochs=history, exits=exits,
         budgets=report["budgets"], summary=report["summary"],
     )
-    atomic_write_text(run_dir / "result.json", record.model_dump_json(indent=1))
+    atomic_write_text(run_dir / RESULT, record.model_dump_json(indent=1))
     return record
 
 
-def cli_train(args) -> int:
-    cfg = load_trial(*split_config_arg(args.config, args.overrides))
-    run_dir = Path(cfg.out_dir)
-    check_output_dir(run_dir, f"out_dir={cfg.out_dir}")
-    if (run_dir / CHECKPOINT).exists() and not args.resume:
-        raise UsageError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
-                         f"or choose another out_dir=...")
-    if args.resume and not (run_dir / CHECKPOINT).exists():
-        raise UsageError(f"--resume: no checkpoint in {str(run_dir)!r} to continue")
-    if args.resume:  # before any data or model is built: a foreign file is one line
-        check_resumable(load_checkpoint(run_dir / CHECKPOINT), run_dir / CHECKPOINT)
-    try:
-        if cfg.workers.count > 1:  # one trial on several workers: Ray Train's DDP group (bench/distributed.py)
-            from bench import distributed
-
-            record = distributed.train(cfg, run_dir, resume=args.resume)
-        else:
-            record = run(cfg, run_dir, resume=args.resume)
-    except TrainingDiverged as err:
-        print(f"exitbench: training diverged: {err}", file=sys.stderr, flush=True)
-        return 1
-    last = record.exits[-1]
-    print(f"run folder: {run_dir}")
-    readout = f", readout {last['readout_macs']:,.0f} of them" if last.get("readout_macs") else ""
-    print(f"last exit: top-1 {last['top1']:.2f} %  MACs {last['macs'] / 1e6:.3f} M{readout}  ({record.counter})")
-    s = record.summary
-    if "auc" in s:
-        print(f"budgeted: AUC {s['auc']:.4f}  best of the 39 budgets {s.get('best_acc', float('nan')):.2f} %")
-    print(f"wall time {record.wall_time_s:.1f} s, {record.train_images_per_s:.0f} train images/s")
-    return 0
-
-
-def cli_evaluate(args) -> int:
-    """Evaluate a checkpoint (file or run folder): an exitbench one rebuilds data and model from its config; a
-    reference project's file (MSDNet, L2W-DEN, RANet, IMTA; detected by content) takes backbone=... data=..."""
-    from bench.backbones.checkpoint import load_weights, parse, read_file
-    from bench.config import apply_overrides
-
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder, its {CHECKPOINT}, or a "
-                         f"reference checkpoint file)")
-    weights = parse(read_file(path), str(path))
-    if weights.config is None and not any(o.split("=")[0].split(".")[0] == "backbone" for o in args.overrides):
-        raise UsageError(f"{str(path)!r} is a {weights.kind} checkpoint, which records no config: give the "
-                         f"backbone it was trained with, e.g. backbone=msdnet-cifar-budget data=cifar100")
-    cfg = validate_trial(apply_overrides(weights.config or {}, args.overrides))
-    device = resolve_device(cfg.device)
-    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
-    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
-    load_weights(model, weights.model, f"{str(path)!r} ({weights.kind} checkpoint)")
-    model.to(device)
-    if weights.note:
-        print(f"note: {weights.note}", file=sys.stderr)
-    from bench import evaluate
-    from bench.flops import per_exit_cost
-    from bench.readout import build_readout, readout_macs
-
-    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes).to(device)
-    try:  # checkpoints from before readouts existed hold none: fine for the identity, which has no weights
-        readout.load_state_dict(weights.readout or {})
-    except RuntimeError as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)  # line 1 names no key
-        trained = (weights.config or {}).get("method")
-        fix = (f"the run was trained with method {trained}: drop the method overrides that change the readout"
-               if trained else "the file holds no trained readout: evaluate it without method=...")
-        raise UsageError(f"checkpoint's readout does not fit method {cfg.method['name']!r} as configured here "
-                         f"({detail.rstrip('. ')}); {fix}") from None
-    readout_cost = readout_macs(readout)
-    macs = [e.macs + r for e, r in
-            zip(per_exit_cost(model, bundle.image_size, bundle.in_channels).exits, readout_cost)]
-    report = evaluate.evaluate_model(model, readout, bundle.calib, bundle.test, device, macs,
-                                     readout_macs=readout_cost, confidence=cfg.eval.confidence)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(evaluate.format_report(report))
-    return 0

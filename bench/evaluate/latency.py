@@ -1,4 +1,4 @@
-"""Real early-exit inference and its measured latency (`exitbench latency RUN_DIR`).
+"""Real early-exit inference and its measured latency (`exitbench latency RUN_DIR`, bench.evaluate.cli).
 
 Every budgeted number elsewhere is simulated from saved logits and MACs. Here the trained network runs with
 real early exits at each budget's thresholds (those fitted on the calibration split and stored in
@@ -28,21 +28,19 @@ from typing import Any
 import torch
 
 from bench.backbones.contract import MultiExitNet, map_state
-from bench.errors import UsageError
+from bench.evaluate.protocol import exit_scores, probabilities
 from bench.readout import Readout, readout_outputs
 
 WARMUP = 10  # images (batch 1) or batches (batched) run before timing: first calls allocate and pick kernels
 
 
 def scores(logits: torch.Tensor, confidence: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, prediction) per row, with bench.evaluate's float32 arithmetic so they match its bits."""
-    from bench.evaluate import _probabilities
-
+    """(confidence, prediction) per row, with bench.evaluate.protocol's float32 arithmetic so they match its bits."""
     x = logits.float()
     n, C = x.shape
     probs, work = torch.empty_like(x), torch.empty_like(x)
     conf, top = x.new_empty(n), x.new_empty(n)
-    _probabilities(x, confidence, probs, conf, top, work)
+    probabilities(x, confidence, probs, conf, top, work)
     return conf, probs.argmax(1)  # argmax: the first index among equal probabilities, as the reference
 
 
@@ -90,8 +88,6 @@ def static_exit(model: MultiExitNet, x: torch.Tensor, k: int, confidence: str = 
 def simulated(logits: torch.Tensor, labels: torch.Tensor, thresholds: Sequence[float],
               confidence: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per test sample from saved logits [K, N, C]: (correct, exit index) under the same rule."""
-    from bench.evaluate import exit_scores
-
     conf, top1, _ = exit_scores(logits, labels, confidence)
     K = conf.shape[0]
     meets = conf >= torch.tensor(list(thresholds), dtype=torch.float32)[:, None]
@@ -188,8 +184,6 @@ def run_latency(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor,
                                                              torch.full((len(x),), k, device=x.device)),
                       device, batch_size)
         if sim_top1 is None:
-            from bench.evaluate import exit_scores
-
             sim_top1 = exit_scores(saved["test_logits"], saved["test_labels"], confidence).top1
         sim_acc = 100.0 * float(sim_top1[k].sum()) / n
         rows.append(_row(common, "exit", None, k + 1, got, sim_acc, 0, float(macs[k]), float(macs[k])))
@@ -240,92 +234,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                      f"{sum(r['exits_differing'] > 0 for r in budgets)} budgets have images leaving at another exit "
                      f"than simulated (logits differ between this device/batching and logits.pt)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def _checkpoint(run_dir: Path) -> Path:
-    """The run's checkpoint.pt; for a sweep trial's run folder, the newest one Ray Tune kept for the trial."""
-    from bench.train import CHECKPOINT
-
-    if (run_dir / CHECKPOINT).is_file():
-        return run_dir / CHECKPOINT
-    kept = sorted(run_dir.parent.glob(f"checkpoint_*/{CHECKPOINT}"))
-    if kept:
-        return kept[-1]
-    raise UsageError(f"no {CHECKPOINT} in {str(run_dir)!r} (nor a Ray Tune checkpoint beside it); give the folder "
-                     f"of a finished `exitbench train` run")
-
-
-def _store_dir(run_dir: Path) -> Path:
-    """The sweep folder whose results store holds this trial, else the run folder itself (a store of one)."""
-    for parent in list(run_dir.resolve().parents)[:4]:
-        if (parent / "store" / "runs").is_dir():
-            return parent
-    return run_dir
-
-
-def cli_latency(args) -> int:
-    from bench import backbones, datasets, results
-    from bench.backbones.checkpoint import load_weights, parse, read_file
-    from bench.config import validate_trial
-    from bench.evaluate import load_logits
-    from bench.readout import build_readout
-    from bench.train import resolve_device
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"run folder {str(run_dir)!r} does not exist; give the out_dir of an `exitbench train` run")
-    for name in ("result.json", "logits.pt"):
-        if not (run_dir / name).is_file():
-            raise UsageError(f"{str(run_dir)!r} has no {name}: latency needs a finished run (its thresholds and "
-                             f"saved logits)")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.device is not None and args.device not in ("auto", "cpu", "cuda") and \
-            not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
-        raise UsageError(f"--device {args.device!r}: give cpu, cuda, cuda:N or auto")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    record = results.ResultRecord.model_validate_json((run_dir / "result.json").read_text())
-    if record.status != "finished" or not record.budgets:
-        raise UsageError(f"{str(run_dir)!r}: the run's status is {record.status!r} with {len(record.budgets)} budgets; "
-                         f"latency needs a finished run")
-    ckpt = _checkpoint(run_dir)
-    weights = parse(read_file(ckpt), str(ckpt))
-    cfg = validate_trial(record.config)
-    device = resolve_device(args.device or cfg.device)
-    bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=torch.device("cpu"))
-    model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
-    load_weights(model, weights.model, str(ckpt))
-    images, labels = zip(*[(x, torch.as_tensor(y)) for x, y in bundle.test])
-    images, labels = torch.cat(images), torch.cat(labels).long()
-    saved = load_logits(run_dir / "logits.pt")
-    if not torch.equal(labels, saved["test_labels"]):
-        raise UsageError(f"the test split rebuilt from {str(run_dir / 'result.json')!r} does not match the labels in "
-                         f"logits.pt; the data files changed since the run")
-    budgets = record.budgets
-    if args.budgets:
-        unknown = sorted(set(args.budgets) - {b["p"] for b in budgets})
-        if unknown:
-            raise UsageError(f"--budgets {unknown}: not among the run's budgets p = 1..{len(budgets)}")
-        budgets = [b for b in budgets if b["p"] in set(args.budgets)]
-    if args.limit is not None:
-        if args.limit < 1:
-            raise UsageError(f"--limit must be >= 1, got {args.limit}")
-        images, labels = images[:args.limit], labels[:args.limit]
-        saved = {**saved, "test_logits": saved["test_logits"][:, :args.limit],
-                 "test_labels": saved["test_labels"][:args.limit]}
-    readout = build_readout(cfg.method, model.num_exits, bundle.num_classes)
-    readout.load_state_dict(weights.readout or {})
-    rows = run_latency(model, images, labels, saved, budgets, device, args.batch_size, cfg.eval.confidence, readout)
-    print(format_table(rows))
-    record = record.model_copy(update={"latency": rows})
-    results.atomic_write_text(run_dir / "result.json", record.model_dump_json(indent=1))
-    store = _store_dir(run_dir)
-    results.write(record, store)
-    print(f"written: {run_dir / 'result.json'} (latency) and the latency table of {store / 'store'}")
-    return 0

@@ -1,5 +1,5 @@
-"""exitbench command line. Each command parses its arguments here and calls one function of the
-module that does the work; bad input anywhere is one line on stderr and exit status 2."""
+"""exitbench command line: the parser (the commands of bench.cli.commands under `exitbench`) and `main`, which
+turns bad input anywhere into one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -8,26 +8,9 @@ import json
 import os
 import sys
 
+from bench.cli import commands  # noqa: F401  (registers the commands)
+from bench.cli.parser import COMMANDS, Parser
 from bench.errors import UsageError
-
-
-class _Parser(argparse.ArgumentParser):
-    _intermixed = False
-
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message by default)
-        command = self.prog.removeprefix("exitbench").strip()  # main() already says "exitbench: error:"
-        raise UsageError(f"{command}: {message}" if command else message)
-
-    def parse_known_args(self, args=None, namespace=None):
-        """A command's KEY=VALUE overrides may come before or after its flags (`flops tiny --json widths=8-16`):
-        leaf parsers parse intermixed (argparse's own mode, which refuses parsers that hold subcommands)."""
-        if self._intermixed or any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
-            return super().parse_known_args(args, namespace)
-        self._intermixed = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixed = False
 
 
 def _cmd_list(args) -> int:
@@ -71,13 +54,13 @@ def _cmd_config_show(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="exitbench", description="Benchmark and ablation harness for early-exiting "
+    parser = Parser(prog="exitbench", description="Benchmark and ablation harness for early-exiting "
                                                    "(multi-exit) networks.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--include", action="append", default=[], metavar="PATH",
                         help="import a .py file (or every .py file of a folder) that registers methods, backbones "
                              "or datasets before the command runs; repeatable")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("list", help="registered backbones (with presets), datasets and methods",
                        description="List registered backbones (with presets), datasets and methods, each with "
@@ -86,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("config", help="inspect configurations", description="Inspect configurations.")
-    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser, required=True)
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=Parser, required=True)
     q = csub.add_parser("show", help="print the validated, fully defaulted config as YAML",
                         description="Validate a trial or sweep YAML (with dotted overrides such as optim.lr=0.1) "
                                     "and print it fully defaulted; without a file, the default trial.",
@@ -97,19 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. method.epsilon=0.5")
     q.set_defaults(func=_cmd_config_show)
 
-    for add in _COMMANDS:
+    for add in COMMANDS:
         add(sub)
     return parser
-
-
-# Commands contributed by other modules: each function adds its subparser (help text, arguments) and
-# sets `func`, importing the heavy module only when the command runs.
-_COMMANDS: list = []
-
-
-def command(fn):
-    _COMMANDS.append(fn)
-    return fn
 
 
 def _reader_gone() -> int:
@@ -153,4 +126,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-from bench import commands  # noqa: E402,F401  (registers the other commands)

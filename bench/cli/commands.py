@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cli import command
+from bench.cli.parser import command
 
 # Every example here is run by tests/test_cli_ux.py (up to the point where Ray would start).
 SWEEP_EXAMPLES = """examples:
@@ -96,7 +96,7 @@ def _budget(sub):
     p.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args):
-        from bench.evaluate import cli_budget
+        from bench.evaluate.cli import cli_budget
 
         return cli_budget(args)
 
@@ -117,7 +117,7 @@ def _evaluate(sub):
     p.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args):
-        from bench.train import cli_evaluate
+        from bench.evaluate.cli import cli_evaluate
 
         return cli_evaluate(args)
 
@@ -142,7 +142,7 @@ def _latency(sub):
                    help="CPU threads for torch (default: torch's; 1 is steadier on a busy machine)")
 
     def run(args):
-        from bench.latency import cli_latency
+        from bench.evaluate.cli import cli_latency
 
         return cli_latency(args)
 
@@ -161,7 +161,7 @@ def _train(sub):
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
 
     def run(args):
-        from bench.train import cli_train
+        from bench.trial.cli import cli_train
 
         return cli_train(args)
 
@@ -189,7 +189,7 @@ def _sweep(sub):
     p.add_argument("--quiet", action="store_true", help="no live trial table (summary only)")
 
     def run(args):
-        from bench.tune import cli_sweep
+        from bench.sweep.cli import cli_sweep
 
         return cli_sweep(args)
 
@@ -214,7 +214,7 @@ def _report(sub):
                    help="top-1 (%%) at which to compare MACs (default: the baseline's best budgeted accuracy)")
 
     def run(args):
-        from bench.report import cli_report
+        from bench.report.build import cli_report
 
         return cli_report(args)
 
@@ -236,7 +236,7 @@ def _leaderboard(sub):
                         "e.g. results/published); repeatable")
 
     def run(args):
-        from bench.report import cli_leaderboard
+        from bench.report.build import cli_leaderboard
 
         return cli_leaderboard(args)
 

@@ -1,12 +1,8 @@
 """Evaluation protocols on per-exit logits: anytime, budgeted batch, threshold sweep, summary metrics.
 
-Everything here works on saved logits (no model needed): one `.pt` file per run with `val_logits`
-[K, N, C] (the calibration split), `val_labels` [N], `test_logits` [K, M, C], `test_labels` [M] and
-`macs` [K] (cumulative multiply-adds up to and including exit k, earlier heads included). The logits are
-what the exits report: the outputs of the strategy's readout (bench.readout; the raw exit logits for
-every strategy without one), and `macs` include the readout's cost. A run's file also keeps the raw
-exits (`val_raw_logits`, `test_raw_logits`; with the identity readout they share one storage, saved once)
-and the readout's share of the MACs (`readout_macs`).
+Everything here works on a logits dict (bench.evaluate.logits: `val_logits` [K, N, C] on the calibration
+split, `val_labels`, `test_logits` [K, M, C], `test_labels`, cumulative `macs` [K]), no model needed; only
+`evaluate_model`, which the trial loop calls after training, first collects it from the model.
 
 Budgeted batch ("dynamic") evaluation is the MSDNet / L2W-DEN `dynamic_evaluate` protocol, exactly:
 39 budgets p = 1..39, ratio q = p/20, exit proportions pi_k = q^k / sum_j q^j (computed in float32 with
@@ -26,21 +22,19 @@ prediction is the argmax of those probabilities, the first index among equal one
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from bench.errors import UsageError
+from bench.evaluate.curves import acc_at, area_under, budget_curve, macs_to_reach, one_curve
+from bench.evaluate.logits import collect_exits, save_logits, validate_logits
 
 CONFIDENCES = ("max_softmax", "entropy", "margin")
 NUM_BUDGETS = 39
-KEYS = ("val_logits", "val_labels", "test_logits", "test_labels", "macs")
 _ROWS = 512  # rows per chunk: small enough to stay in cache across its passes, big enough to amortise calls
 _MIN_WORK_PER_THREAD = 1 << 20  # logits per worker thread below which threads cost more than they save
 
@@ -57,194 +51,6 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-# ----------------------------------------------------------------------------------------------- logits
-
-
-class Collected(NamedTuple):
-    outputs: torch.Tensor  # [K, N, C] float32 on CPU: what the exits report (the readout's outputs)
-    raw: torch.Tensor  # [K, N, C] the backbone's raw exit logits (the same tensor when the readout is identity)
-    labels: torch.Tensor  # [N] long
-
-
-def collect_exits(model, loader, device, readout=None) -> Collected:
-    """Every exit's raw logits over `loader` and what the exits report through `readout` (bench.readout;
-    None or the identity: the raw logits). Eval mode for both; their previous modes are restored."""
-    from bench.readout import Readout, readout_outputs
-
-    identity = readout is None or type(readout) is Readout
-    modules = [model] if identity else [model, readout]
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    raw_parts, out_parts, labels = [], [], []
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x, y = batch[0], batch[1]
-                raw = [z.float() for z in model(x.to(device, non_blocking=True))]
-                raw_parts.append(torch.stack(raw).cpu())
-                if not identity:
-                    out_parts.append(torch.stack([o.float() for o in readout_outputs(readout, raw)]).cpu())
-                labels.append(torch.as_tensor(y).long().cpu())
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
-    if not raw_parts:
-        raise UsageError("collect_logits: the loader yielded no batches; the split is empty")
-    raw = torch.cat(raw_parts, dim=1)
-    return Collected(raw if identity else torch.cat(out_parts, dim=1), raw, torch.cat(labels))
-
-
-def collect_logits(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every exit's raw logits over `loader` -> (logits [K, N, C] float32 on CPU, labels [N] long)."""
-    collected = collect_exits(model, loader, device)
-    return collected.raw, collected.labels
-
-
-def evaluate_model(model, readout, calib_loader, test_loader, device, macs, *, readout_macs=None,
-                   confidence: str = "max_softmax", logits_path=None) -> dict:
-    """Collect the calibration and test splits through the readout, write `logits_path` (readout outputs
-    and raw exits) when given, and evaluate the readout outputs (`evaluate_logits`). `macs` are the
-    cumulative per-exit MACs, readout included; `readout_macs` the readout's share of them."""
-    val = collect_exits(model, calib_loader, device, readout)
-    test = collect_exits(model, test_loader, device, readout)
-    data = {"val_logits": val.outputs, "val_labels": val.labels, "test_logits": test.outputs,
-            "test_labels": test.labels, "macs": macs, "val_raw_logits": val.raw, "test_raw_logits": test.raw}
-    if readout_macs is not None:
-        data["readout_macs"] = readout_macs
-    if logits_path is not None:
-        save_logits(logits_path, val.outputs, val.labels, test.outputs, test.labels, macs,
-                    raw=(val.raw, test.raw), readout_macs=readout_macs)
-    return evaluate_logits(data, confidence=confidence)
-
-
-def validate_logits(data: Any, source: str = "logits") -> dict[str, torch.Tensor]:
-    """Check a logits dict and return it normalised (float32 logits, long labels, float64 macs).
-
-    Bad content raises UsageError with one line naming `source`, the key and what would be right."""
-    if not isinstance(data, dict):
-        raise UsageError(f"{source}: holds a {type(data).__name__}, expected a dict with keys {', '.join(KEYS)}")
-    missing = [k for k in KEYS if k not in data]
-    if missing:
-        raise UsageError(f"{source}: missing key(s) {', '.join(missing)} (expected {', '.join(KEYS)})")
-    for split in ("val", "test"):
-        logits, labels = data[f"{split}_logits"], data[f"{split}_labels"]
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.is_floating_point():
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise UsageError(f"{source}: {split}_logits must be a floating-point [K, N, C] tensor, got {shape}")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
-                or labels.is_complex() or labels.dtype == torch.bool:
-            shape = (f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor)
-                     else type(labels).__name__)
-            raise UsageError(f"{source}: {split}_labels must be a 1-D integer tensor, got {shape}")
-        if min(logits.shape) == 0:
-            raise UsageError(f"{source}: {split}_logits has shape {tuple(logits.shape)}; need K, N, C >= 1")
-        if labels.numel() != logits.shape[1]:
-            raise UsageError(f"{source}: {split}_labels has {labels.numel()} labels but {split}_logits has "
-                             f"N={logits.shape[1]} samples; they must match")
-    (Kv, _, Cv), (Kt, _, Ct) = data["val_logits"].shape, data["test_logits"].shape
-    if Kv != Kt:
-        raise UsageError(f"{source}: val_logits has K={Kv} exits but test_logits has K={Kt}; they must match")
-    if Cv != Ct:
-        raise UsageError(f"{source}: val_logits has C={Cv} classes but test_logits has C={Ct}; they must match")
-    out: dict[str, torch.Tensor] = {}
-    for split in ("val", "test"):
-        logits = data[f"{split}_logits"].detach().cpu().float().contiguous()
-        # min and max propagate NaN and reach +-inf, so finite extremes prove every value finite without
-        # a full-size mask; count the bad values only when they are not.
-        low, high = torch.aminmax(logits)
-        bad = 0 if math.isfinite(float(low)) and math.isfinite(float(high)) else int((~torch.isfinite(logits)).sum())
-        if bad:
-            raise UsageError(f"{source}: {split}_logits holds {bad} NaN/inf values; logits must be finite")
-        labels = data[f"{split}_labels"].detach().cpu().long()
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= Cv:
-            raise UsageError(f"{source}: {split}_labels range {low}..{high} is outside the {Cv} classes "
-                             f"(labels must be in 0..{Cv - 1})")
-        out[f"{split}_logits"], out[f"{split}_labels"] = logits, labels
-    try:
-        macs = torch.as_tensor(data["macs"], dtype=torch.float64).flatten().cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise UsageError(f"{source}: macs must be a list or 1-D tensor of K={Kv} numbers") from None
-    if macs.numel() != Kv:
-        raise UsageError(f"{source}: macs has {macs.numel()} entries but the logits have K={Kv} exits; "
-                         f"give one cumulative MACs count per exit")
-    if not bool(torch.isfinite(macs).all()) or bool((macs < 0).any()):
-        raise UsageError(f"{source}: macs must be finite and >= 0, got {macs.tolist()}")
-    if Kv > 1 and not bool((macs[1:] > macs[:-1]).all()):
-        raise UsageError(f"{source}: macs must increase strictly from exit to exit (cumulative MACs), "
-                         f"got {macs.tolist()}")
-    out["macs"] = macs
-    for split in ("val", "test"):  # optional: the backbone's raw exits beside the readout outputs
-        key = f"{split}_raw_logits"
-        if key in data:
-            raw, shape = data[key], tuple(out[f"{split}_logits"].shape)
-            if not isinstance(raw, torch.Tensor) or not raw.is_floating_point() or tuple(raw.shape) != shape:
-                got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
-                raise UsageError(f"{source}: {key} must be a floating-point tensor shaped like {split}_logits "
-                                 f"{shape}, got {got}")
-            out[key] = raw.detach().cpu().float().contiguous()
-    if "readout_macs" in data:  # optional: the readout's share of the cumulative MACs
-        try:
-            share = torch.as_tensor(data["readout_macs"], dtype=torch.float64).flatten().cpu()
-        except (TypeError, ValueError, RuntimeError):
-            raise UsageError(f"{source}: readout_macs must be a list or 1-D tensor of K={Kv} numbers") from None
-        if share.numel() != Kv or not bool(torch.isfinite(share).all()) or bool((share < 0).any()) \
-                or bool((share > macs).any()):
-            raise UsageError(f"{source}: readout_macs must be K={Kv} finite numbers in 0..macs (the readout's "
-                             f"share of each exit's MACs), got {share.tolist()}")
-        out["readout_macs"] = share
-    return out
-
-
-def save_logits(path, val_logits, val_labels, test_logits, test_labels, macs, *, raw=None,
-                readout_macs=None) -> None:
-    """Write one `.pt` file with the five keys, after validating them, atomically: into a temp file in the
-    same folder, then renamed over `path`, so a crash never leaves a half-written file. `raw` = (val, test)
-    raw exit logits and `readout_macs` (the readout's share of `macs`) are stored beside them when given."""
-    path = Path(path)
-    data = {"val_logits": val_logits, "val_labels": val_labels, "test_logits": test_logits,
-            "test_labels": test_labels, "macs": macs}
-    if raw is not None:
-        data["val_raw_logits"], data["test_raw_logits"] = raw
-    if readout_macs is not None:
-        data["readout_macs"] = readout_macs
-    data = validate_logits(data, source=str(path))
-    # torch.save writes a view's whole storage; copy views of bigger tensors so only the data is saved.
-    data = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
-            for k, v in data.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_logits(path) -> dict[str, torch.Tensor]:
-    """Read and validate a logits file (weights-only load: tensors, no arbitrary pickles)."""
-    path = Path(path)
-    if path.is_dir():  # a run folder: its logits.pt
-        if not (path / "logits.pt").is_file():
-            raise UsageError(f"{str(path)!r} is a folder without logits.pt; give a logits file or the folder of a "
-                             f"finished `exitbench train` run")
-        path = path / "logits.pt"
-    if not path.is_file():
-        raise UsageError(f"logits file {str(path)!r} not found")
-    from bench.backbones.checkpoint import load_error, torch_load
-
-    try:
-        data = torch_load(path)
-    except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        raise UsageError(f"cannot read logits file {str(path)!r}: {load_error(err)}") from None
-    return validate_logits(data, source=str(path))
-
 
 # ----------------------------------------------------------------------------------- per-exit scores
 
@@ -255,7 +61,7 @@ class ExitScores(NamedTuple):
     top5: torch.Tensor | None  # [K, N] bool: the label is among the 5 first classes (when asked for)
 
 
-def _probabilities(x: torch.Tensor, confidence: str, out: torch.Tensor, conf: torch.Tensor, top: torch.Tensor,
+def probabilities(x: torch.Tensor, confidence: str, out: torch.Tensor, conf: torch.Tensor, top: torch.Tensor,
                    work: torch.Tensor) -> None:
     """Softmax of rows x into `out`, their confidence into `conf` and largest probability into `top`
     (float32 softmax, what the reference stores and compares)."""
@@ -292,7 +98,7 @@ def _score_rows(logits, labels, confidence, parts, k, start, stop) -> None:
     for a in range(start, stop, rows):
         b = min(stop, a + rows)
         x, y, p, w = logits[k, a:b], labels[a:b, None], probs[: b - a], work[: b - a]
-        _probabilities(x, confidence, p, conf[k, a:b], top[k, a:b], w)
+        probabilities(x, confidence, p, conf[k, a:b], top[k, a:b], w)
         torch.gather(p, 1, y, out=label_prob[k, a:b, None])
         torch.eq(p, top[k, a:b, None], out=w)  # how many classes have the largest probability
         torch.sum(w, -1, out=at_top[k, a:b])
@@ -347,7 +153,7 @@ def exit_scores(logits: torch.Tensor, labels: torch.Tensor, confidence: str = "m
         for ks, rows in _blocks(tied):
             p, n = torch.empty(len(rows), C), len(rows)
             # Softmax works row by row, so these rows get the same bits as in the pass above.
-            _probabilities(logits[ks, rows], confidence, p, torch.empty(n), torch.empty(n), torch.empty(n, C))
+            probabilities(logits[ks, rows], confidence, p, torch.empty(n), torch.empty(n), torch.empty(n, C))
             top1[ks, rows] = (p == top[ks, rows, None]).byte().argmax(1) == labels[rows]
         top5_right = None
         if top5:
@@ -514,76 +320,6 @@ def threshold_sweep(logits, labels, macs, thresholds: Sequence[float] | None = N
 
 # ------------------------------------------------------------------------------------------- summary
 
-Curve = Sequence[tuple[float, float]]  # (MACs, accuracy %) points
-
-
-def budget_curve(budgets: list[dict], anytime_rows: list[dict] | None = None) -> list[tuple[float, float]]:
-    """(expected MACs, test accuracy) of the budgets, plus, given the anytime rows, every exit on its own
-    (sending all samples to exit k is a policy too; exits 1 and K are the protocol's limits q -> 0 and
-    q -> infinity), so the curve spans exit 1's to exit K's MACs."""
-    points = [(float(b["expected_macs"]), float(b["test_acc"])) for b in budgets]
-    points += [(float(row["macs"]), float(row["top1"])) for row in anytime_rows or ()]
-    return points
-
-
-def envelope(curve: Curve) -> list[tuple[float, float]]:
-    """Monotone upper envelope: the points no cheaper point matches or beats, by increasing MACs."""
-    best: list[tuple[float, float]] = []
-    for macs, acc in sorted(curve, key=lambda point: (point[0], -point[1])):
-        if not best or acc > best[-1][1]:
-            best.append((macs, acc))
-    return best
-
-
-def acc_at(curve: Curve, macs: float) -> float | None:
-    """Accuracy the curve reaches within `macs` (linear between envelope points, flat after the last);
-    None below the cheapest point."""
-    env = envelope(curve)
-    if not env or macs < env[0][0]:
-        return None
-    for (m0, a0), (m1, a1) in zip(env, env[1:]):
-        if macs < m1:
-            return a0 + (a1 - a0) * (macs - m0) / (m1 - m0)
-    return env[-1][1]
-
-
-def macs_to_reach(curve: Curve, acc: float) -> float | None:
-    """The fewest MACs at which the curve's envelope first reaches accuracy `acc`; None if it never does."""
-    env = envelope(curve)
-    if not env or acc > env[-1][1]:
-        return None
-    if acc <= env[0][1]:
-        return env[0][0]
-    for (m0, a0), (m1, a1) in zip(env, env[1:]):
-        if acc <= a1:
-            return m0 + (m1 - m0) * (acc - a0) / (a1 - a0)
-    return None  # unreachable: acc <= env[-1][1]
-
-
-def speedup_at_equal_accuracy(curve: Curve, baseline_curve: Curve, acc: float) -> float | None:
-    """How many times fewer MACs `curve` needs than `baseline_curve` to reach `acc`; None if either never does."""
-    ours, theirs = macs_to_reach(curve, acc), macs_to_reach(baseline_curve, acc)
-    if ours is None or theirs is None or ours <= 0:
-        return None
-    return theirs / ours
-
-
-def area_under(curve: Curve, low: float, high: float) -> float:
-    """Mean accuracy (%) of the envelope over [low, high] MACs: the exact area of the piecewise-linear
-    envelope divided by (high - low)."""
-    env = envelope(curve)
-    if not high > low:
-        raise UsageError(f"AUC range [{low}, {high}] is empty; need low < high")
-    if not env or low < env[0][0]:
-        start = env[0][0] if env else float("nan")
-        raise UsageError(f"AUC range starts at {low:g} MACs, below the curve's cheapest point {start:g}; "
-                         f"start the range at or above it")
-    knots = [low] + [m for m, _ in env if low < m < high] + [high]
-    values = [acc_at(env, m) for m in knots]
-    area = sum((m1 - m0) * (v0 + v1) / 2 for m0, m1, v0, v1 in zip(knots, knots[1:], values, values[1:]))
-    return area / (high - low)
-
-
 def anytime_area(anytime_rows: list[dict], low: float, high: float) -> float:
     """Mean top-1 (%) over [low, high] MACs of the anytime step curve: at a budget, the deepest exit
     whose cumulative MACs fit (the one an anytime model would have answered with)."""
@@ -623,8 +359,8 @@ def summarise(budgets: list[dict], anytime_rows: list[dict], macs, test_logits=N
     macs_at_full_acc and speedup_at_full_acc (= MACs_K / that), macs_to_reach for target_accs, oracle_acc
     and oracle_macs (needs test_logits + test_labels, or test_top1 [K, N] from exit_scores)."""
     macs = torch.as_tensor(macs, dtype=torch.float64)
-    curve = budget_curve(budgets, anytime_rows)
-    env = envelope(curve)
+    curve = one_curve(budget_curve(budgets, anytime_rows))
+    env_macs, env_acc = curve.points("trial")
     last = float(macs[-1])
     low, high = (float(macs[0]), last) if auc_range is None else (float(auc_range[0]), float(auc_range[1]))
     if auc_range is None and len(macs) == 1:  # one exit: the curve is one point, the area its accuracy
@@ -644,8 +380,8 @@ def summarise(budgets: list[dict], anytime_rows: list[dict], macs, test_logits=N
         "anytime_auc": any_auc,
         "auc_range": [low, high],
         "auc_unit": "mean test top-1 % over auc_range (area / range width)",
-        "best_acc": best["test_acc"] if best else env[-1][1],
-        "best_acc_macs": best["expected_macs"] if best else env[-1][0],
+        "best_acc": best["test_acc"] if best else float(env_acc[-1]),
+        "best_acc_macs": best["expected_macs"] if best else float(env_macs[-1]),
         "full_acc": full_acc,
         "macs_at_full_acc": full_macs,
         "speedup_at_full_acc": (last / full_macs) if full_macs else None,
@@ -678,55 +414,18 @@ def evaluate_logits(data: dict, confidence: str = "max_softmax", *, at_macs: Seq
     return {"anytime": anytime_rows, "budgets": budgets, "summary": summary}
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def _fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_report(report: dict) -> str:
-    """Text tables of an `evaluate_logits` report: anytime, budgeted batch, summary."""
-    readout = any(row.get("readout_macs") for row in report["anytime"])
-    lines = ["anytime (test split)", f"{'exit':>4}  {'top-1 %':>8}  {'top-5 %':>8}  {'MACs (M)':>11}"
-             + (f"  {'readout MACs':>14}" if readout else "")]  # a count, not millions: readouts are small
-    for row in report["anytime"]:
-        lines.append(f"{row['exit']:>4}  {row['top1']:>8.2f}  {row['top5']:>8.2f}  {row['macs'] / 1e6:>11.4f}"
-                     + (f"  {row['readout_macs']:>14,.0f}" if readout else ""))
-    s = report["summary"]
-    lines += ["", f"budgeted batch (confidence {s.get('confidence')}; thresholds fitted on the calibration split; "
-                  f"'-' threshold = never, last = always)",
-              f"{'p':>3}  {'q':>5}  {'val %':>7}  {'test %':>7}  {'E[MACs] (M)':>11}  exit fractions"]
-    for row in report["budgets"]:
-        fractions = " ".join(f"{f:.3f}" for f in row["exit_fractions"])
-        lines.append(f"{row['p']:>3}  {row['p'] / 20:>5.2f}  {row['val_acc']:>7.2f}  {row['test_acc']:>7.2f}  "
-                     f"{row['expected_macs'] / 1e6:>11.4f}  {fractions}")
-    lines += ["", "summary"]
-    lines.append("  accuracy at 25/50/75/100 % of exit K's MACs: " + " / ".join(
-        _fmt(s[f"acc_at_{pct}pct"]) for pct in (25, 50, 75, 100)))
-    for item in s["acc_at_macs"]:
-        lines.append(f"  accuracy at {item['macs'] / 1e6:.4f} M MACs: {_fmt(item['acc'])}")
-    low, high = s["auc_range"]
-    lines.append(f"  AUC (mean top-1 % over {low / 1e6:.4f}..{high / 1e6:.4f} M MACs): budgeted {s['auc']:.3f}, "
-                 f"anytime {s['anytime_auc']:.3f}")
-    lines.append(f"  best of the 39 budgets {s['best_acc']:.2f} % at {s['best_acc_macs'] / 1e6:.4f} M MACs "
-                 f"(reports' best: the top of the curve with each exit alone)")
-    lines.append(f"  exit K accuracy {s['full_acc']:.2f} % first reached at {_fmt(s['macs_at_full_acc'], '.4g')} MACs "
-                 f"(speed-up {_fmt(s['speedup_at_full_acc'], '.2f')}x)")
-    for item in s["macs_to_reach"]:
-        lines.append(f"  {item['acc']:.2f} % first reached at {_fmt(item['macs'], '.4g')} MACs")
-    if "oracle_acc" in s:
-        lines.append(f"  oracle exit (earliest correct): {s['oracle_acc']:.2f} % at "
-                     f"{s['oracle_macs'] / 1e6:.4f} M MACs")
-    return "\n".join(lines)
-
-
-def cli_budget(args) -> int:
-    import json
-
-    data = load_logits(args.logits)
-    report = evaluate_logits(data, confidence=args.confidence, at_macs=getattr(args, "at_macs", None) or (),
-                             target_accs=getattr(args, "target_acc", None) or (),
-                             auc_range=getattr(args, "auc_range", None))
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return 0
+def evaluate_model(model, readout, calib_loader, test_loader, device, macs, *, readout_macs=None,
+                   confidence: str = "max_softmax", logits_path=None) -> dict:
+    """Collect the calibration and test splits through the readout, write `logits_path` (readout outputs
+    and raw exits) when given, and evaluate the readout outputs (`evaluate_logits`). `macs` are the
+    cumulative per-exit MACs, readout included; `readout_macs` the readout's share of them."""
+    val = collect_exits(model, calib_loader, device, readout)
+    test = collect_exits(model, test_loader, device, readout)
+    data = {"val_logits": val.outputs, "val_labels": val.labels, "test_logits": test.outputs,
+            "test_labels": test.labels, "macs": macs, "val_raw_logits": val.raw, "test_raw_logits": test.raw}
+    if readout_macs is not None:
+        data["readout_macs"] = readout_macs
+    if logits_path is not None:
+        save_logits(logits_path, val.outputs, val.labels, test.outputs, test.labels, macs,
+                    raw=(val.raw, test.raw), readout_macs=readout_macs)
+    return evaluate_logits(data, confidence=confidence)
