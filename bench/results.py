@@ -51,7 +51,8 @@ class ResultRecord(BaseModel):
     config: dict[str, Any]
     seed: int
     versions: dict[str, str] = Field(default_factory=dict)
-    git_commit: str | None = None
+    git_commit: str | None = None  # '<sha>-dirty' when tracked files differed from the commit
+    machine: dict[str, str] = Field(default_factory=dict)  # device, CPU model, CPU capability, math libraries
     wall_time_s: float = 0.0
     train_images_per_s: float = 0.0
     counter: str | None = None  # MAC counter name and version
@@ -93,6 +94,7 @@ def to_tables(record: ResultRecord) -> dict[str, pd.DataFrame]:
         "calibration": record.calibration,
         **{f"data.{k}": v for k, v in flatten(record.data_info).items()},
         "versions": json.dumps(record.versions, sort_keys=True),
+        **{f"machine.{k}": v for k, v in record.machine.items()},
         **{f"summary.{k}": v for k, v in flatten(record.summary).items()},
         **{f"config.{k}": v for k, v in flatten(record.config).items()},
     }

@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, absolute_path, removed_on_failure
+from bench.datasets.images import (
+    ArrayImages,
+    Normalize,
+    Pipeline,
+    RandomPadCropFlip,
+    absolute_path,
+    files_sha256,
+    removed_on_failure,
+)
 from bench.datasets.splits import DataParams, Splits, hold_out
 from bench.errors import UsageError
 from bench.registry import DATASETS
@@ -118,7 +126,9 @@ def _cifar(name: str, p: CifarParams, seed: int) -> Splits:
     train, val, info = hold_out(ArrayImages(train_x, train_y, train_tf), ArrayImages(train_x, train_y, eval_tf),
                                  len(train_y), p, seed, f"{name}'s training set")
     return Splits(train, val, ArrayImages(test_x, test_y, eval_tf), 10 if name == "cifar10" else 100, 3, 32,
-                  {"files": absolute_path(folder), "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
+                  {"files": absolute_path(folder),
+                   "files_sha256": files_sha256([folder / f for f in train_files + test_files]),
+                   "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
                    **info})
 
 

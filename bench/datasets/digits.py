@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.resources
+from pathlib import Path
+
 import numpy as np
 import torch
 from pydantic import Field
 
-from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip
+from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, files_sha256
 from bench.datasets.splits import DataParams, Splits, heldout_split, hold_out
 from bench.registry import DATASETS
 
@@ -37,6 +40,8 @@ def digits(p: DigitsParams, seed: int = 0) -> Splits:
     train_view, eval_view = ArrayImages(rest_x, rest_y, train_tf), ArrayImages(rest_x, rest_y, eval_tf)
     train, val, info = hold_out(train_view, eval_view, len(rest), p, seed, "digits' training set")
     test = ArrayImages(images[test_idx], labels[test_idx], eval_tf)
+    bundled = Path(str(importlib.resources.files("sklearn.datasets.data") / "digits.csv.gz"))
     return Splits(train, val, test, 10, 1, p.image_size,
-                  {"files": "sklearn.datasets.load_digits (bundled)", "train_transform": repr(train_tf),
+                  {"files": "sklearn.datasets.load_digits (bundled)", "files_sha256": files_sha256([bundled]),
+                   "train_transform": repr(train_tf),
                    "eval_transform": repr(eval_tf), **info})

@@ -9,7 +9,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bench.datasets.images import ArrayImages, Normalize, Pipeline, RandomPadCropFlip, absolute_path, removed_on_failure
+from bench.datasets.images import (
+    ArrayImages,
+    Normalize,
+    Pipeline,
+    RandomPadCropFlip,
+    absolute_path,
+    files_sha256,
+    removed_on_failure,
+)
 from bench.datasets.splits import DataParams, Splits, hold_out
 from bench.errors import UsageError
 from bench.registry import DATASETS
@@ -99,5 +107,5 @@ def fashion_mnist(p: FashionMnistParams, seed: int = 0) -> Splits:
     train, val, info = hold_out(ArrayImages(train_x, train_y, train_tf), ArrayImages(train_x, train_y, eval_tf),
                                  len(train_y), p, seed, "fashion-mnist's training set")
     return Splits(train, val, ArrayImages(test_x, test_y, eval_tf), 10, 1, p.image_size,
-                  {"files": absolute_path(folder), "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
-                   **info})
+                  {"files": absolute_path(folder), "files_sha256": files_sha256(files),
+                   "train_transform": repr(train_tf), "eval_transform": repr(eval_tf), **info})

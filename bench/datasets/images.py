@@ -144,3 +144,18 @@ def removed_on_failure(root: Path):
 def absolute_path(path: Path) -> str:
     """A path as the user reads it in a message: user folder expanded, absolute."""
     return str(path.expanduser().absolute())
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """One sha256 over the files a dataset read (each file's name and the sha256 of its bytes, in name order):
+    two trials that record the same value read the same bytes."""
+    import hashlib
+
+    whole = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        whole.update(f"{path.name} {digest.hexdigest()}\n".encode())
+    return whole.hexdigest()

@@ -4,6 +4,7 @@ stores (bench.report.frame), compute, then write the tables (bench.report.tables
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from bench.report.frame import (
     aggregate,
     compare,
     load_runs,
+    mixed_provenance,
     paired_trials,
     resolve_baseline,
     trial_metrics,
@@ -57,11 +59,18 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, baseline:
     be rebuilt from what sits next to it (results/default does this)."""
     _check_metric(metric)
     tables, name = load_runs([str(sweep_dir)])
+    warn_mixed(tables.runs)
     out = Path(out) if out is not None else Path(sweep_dir) / "report"
     written = write_report(tables, name, out, baseline, metric, speedup_acc, plots)
     if copy_store and out.resolve() != Path(sweep_dir).resolve():
         written.append(_copy_store(Path(sweep_dir) / "store", out / "store"))
     return written
+
+
+def warn_mixed(runs: pd.DataFrame) -> None:
+    """One warning line on stderr per difference in where the compared trials ran (bench.report.frame)."""
+    for line in mixed_provenance(runs):
+        print(f"exitbench: warning: {line}", file=sys.stderr)
 
 
 def _copy_store(store: Path, dest: Path) -> Path:
@@ -123,6 +132,7 @@ def build_leaderboard(sweep_dirs: list[str], out: str | Path, metric: str = "auc
     cited = published_mod.read_all(published) if published else []
     tables, name = load_runs([str(d) for d in sweep_dirs])
     runs = tables.runs
+    warn_mixed(runs)
     base, _ = resolve_baseline(runs, baseline)
     metrics, curves = trial_metrics(tables)
     agg = aggregate(runs, metrics, tables.exits)

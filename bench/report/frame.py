@@ -395,3 +395,29 @@ def compare(runs: pd.DataFrame, metrics: pd.DataFrame, curves: Curves, baseline:
     out["p_t_holm"], out["p_signflip_holm"] = holm(out["p_t"]), holm(out["p_signflip"])
     out = out.reset_index().rename(columns={"variant_base": "baseline_variant"})
     return out
+
+
+# What a trial's numbers depend on besides its config and seed: a comparison across them compares machines too.
+PROVENANCE_COLUMNS = {"machine.cpu": "CPU models", "machine.cpu_capability": "CPU instruction sets",
+                      "machine.gpu": "GPUs", "versions": "library versions", "data.files_sha256": "dataset files"}
+
+
+def mixed_provenance(runs: pd.DataFrame) -> list[str]:
+    """One line per thing that differs among the finished trials of one dataset (devices, library versions,
+    the dataset files' checksums): same seed, same config, other numbers."""
+    done = runs[runs["status"] == "finished"]
+    lines = []
+    for dataset, group in done.groupby("dataset", sort=True):
+        for column, what in PROVENANCE_COLUMNS.items():
+            if column not in group:
+                continue
+            values = group[column].dropna()
+            if column == "versions":  # the thread count is part of the config; the packages are what matter
+                values = values.map(lambda text: json.dumps({k: v for k, v in json.loads(text).items()
+                                                             if k != "torch_threads"}, sort_keys=True))
+            distinct = sorted(set(values))
+            if len(distinct) > 1:
+                shown = "; ".join(v if len(v) <= 60 else v[:12] + "…" for v in distinct[:3])
+                lines.append(f"{dataset}: trials differ in {what} ({len(distinct)}: {shown}), so equal seeds need "
+                             f"not give equal numbers")
+    return lines

@@ -97,7 +97,7 @@ def ci_rows(g: pd.DataFrame) -> list[list[str]]:
 
 
 def provenance(runs: pd.DataFrame) -> str:
-    """The package versions, torch thread count and commits that produced the store's finished trials."""
+    """The package versions, torch thread count, commits and machines that produced the store's finished trials."""
     done = runs[runs["status"] == "finished"]
     found: dict[str, set[str]] = {}
     for text in done["versions"].dropna().unique():
@@ -109,7 +109,12 @@ def provenance(runs: pd.DataFrame) -> str:
                    else "torch thread count not recorded")
     commits = sorted(str(c)[:12] + ("-dirty" if str(c).endswith("-dirty") else "")
                      for c in done["git_commit"].dropna().unique())
-    return (f"Produced by: {packages}; {thread_text}; git {', '.join(commits) or 'commit not recorded'}.")
+    where = ""
+    if "machine.cpu" in done:  # recorded since the trials say where they ran
+        machines = sorted({f"{cpu} ({cap})" for cpu, cap in zip(done["machine.cpu"].fillna("?"),
+                                                                  done["machine.cpu_capability"].fillna("?"))})
+        where = f"; on {', '.join(machines)}"
+    return (f"Produced by: {packages}; {thread_text}; git {', '.join(commits) or 'commit not recorded'}{where}.")
 
 
 def report_markdown(name: str, runs: pd.DataFrame, agg: pd.DataFrame, comp: pd.DataFrame, exits: pd.DataFrame,

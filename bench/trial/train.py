@@ -27,7 +27,7 @@ from bench.evaluate.protocol import evaluate_model
 from bench.results import ResultRecord, atomic_write_text
 from bench.runfolder import CHECKPOINT, CONFIG, LOGITS, METRICS, RESULT
 from bench.trial.files import check_resumable, load_checkpoint, save_checkpoint
-from bench.trial.provenance import git_commit, package_versions
+from bench.trial.provenance import git_commit, machine, package_versions
 from bench.trial.regime import Regime
 
 
@@ -325,7 +325,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
-        seed=cfg.seed, versions=package_versions(), git_commit=git_commit(),
+        seed=cfg.seed, versions=package_versions(), git_commit=git_commit(), machine=machine(device),
         wall_time_s=time.time() - started, train_images_per_s=train_images / train_time if train_time else 0.0,
         counter=cost.counter, calibration=bundle.calibration,
         data_info={k: v for k, v in bundle.info.items() if k != "val_indices"}, epochs=history, exits=exits,
