@@ -73,12 +73,13 @@ def reference_dynamic(val_conf, val_pred, val_y, test_conf, test_pred, test_y, m
                         break
             return acc * 100.0 / m, [e / m for e in exits]
 
-        val_acc, _ = run(val_conf, val_pred, val_y)
+        val_acc, val_fractions = run(val_conf, val_pred, val_y)
         test_acc, fractions = run(test_conf, test_pred, test_y)
         thresholds = [None if abs(t) == 1e8 else t for t in T]
         expected = sum(f * float(c) for f, c in zip(fractions, macs))
+        val_expected = sum(f * float(c) for f, c in zip(val_fractions, macs))
         rows.append({"p": p, "thresholds": thresholds, "val_acc": val_acc, "test_acc": test_acc,
-                     "exit_fractions": fractions, "expected_macs": expected})
+                     "exit_fractions": fractions, "expected_macs": expected, "val_expected_macs": val_expected})
     return rows
 
 
@@ -100,6 +101,7 @@ def assert_same_budgets(ours, reference):
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-9), a["p"]
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-9), a["p"]
         assert a["expected_macs"] == pytest.approx(b["expected_macs"], rel=1e-12), a["p"]
+        assert a["val_expected_macs"] == pytest.approx(b["val_expected_macs"], rel=1e-12), a["p"]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -389,7 +391,8 @@ def test_cli_budget_good_file(run_cli, tmp_path):
     assert set(report) == {"anytime", "budgets", "summary"}
     assert set(report["anytime"][0]) == {"exit", "top1", "top5", "macs"}
     assert len(report["budgets"]) == 39
-    assert set(report["budgets"][0]) == {"p", "exit_fractions", "thresholds", "test_acc", "val_acc", "expected_macs"}
+    assert set(report["budgets"][0]) == {"p", "exit_fractions", "thresholds", "test_acc", "val_acc", "expected_macs",
+                                         "val_expected_macs"}
     assert all(row["thresholds"][-1] is None for row in report["budgets"])  # last exit: always
     assert report == json.loads(json.dumps(protocol.evaluate_logits(load_logits(path))))
     code, out, _ = run_cli("budget", path, "--confidence", "margin", "--at-macs", "2e6", "--target-acc", "30")

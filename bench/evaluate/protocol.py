@@ -270,7 +270,8 @@ def budgeted(val_logits, val_labels, test_logits, test_labels, macs, confidence:
              val_scores=None, test_scores=None) -> list[dict]:
     """The 39-budget MSDNet / L2W-DEN protocol: thresholds from the calibration split (val_*), applied
     to test. One dict per budget: p, exit_fractions (test), thresholds (None = never / always, see the
-    module doc), test_acc, val_acc (percent), expected_macs (test, sum_k fraction_k * MACs_k).
+    module doc), test_acc, val_acc (percent), expected_macs (test, sum_k fraction_k * MACs_k) and
+    val_expected_macs (the same on the calibration split: what choosing among budgets may look at).
 
     `val_scores` / `test_scores` may pass precomputed `exit_scores(...)` to skip the softmax pass."""
     val_scores = val_scores or exit_scores(val_logits, val_labels, confidence)
@@ -283,8 +284,8 @@ def budgeted(val_logits, val_labels, test_logits, test_labels, macs, confidence:
         val = tally_exits(val_conf, val_scores.top1, thresholds, macs)
         test = tally_exits(test_conf, test_scores.top1, thresholds, macs)
     return [{"p": p, "exit_fractions": test_fractions, "thresholds": [_threshold_json(t) for t in row],
-             "test_acc": test_acc, "val_acc": val_acc, "expected_macs": expected}
-            for p, row, (val_acc, _, _), (test_acc, test_fractions, expected)
+             "test_acc": test_acc, "val_acc": val_acc, "expected_macs": expected, "val_expected_macs": val_expected}
+            for p, row, (val_acc, _, val_expected), (test_acc, test_fractions, expected)
             in zip(range(1, NUM_BUDGETS + 1), thresholds.tolist(), val, test)]
 
 
