@@ -6,12 +6,17 @@ earlier heads included): what `Truncated(model, k)` runs, in eval mode with one 
 are measured in one run of the whole network with each stem/stage/head call in its own scope (`_Phased`).
 
 Counters (one function each, same interface):
-- `fvcore` (default): fvcore's FlopCountAnalysis, one multiply-add = one flop. It counts convs, linears and
-  BN (2 per element in eval mode) but not ReLU; we add pooling as the reference counts it (output elements
-  times kernel area). Operators fvcore cannot count fail loudly, except the cost-free ones in `_HARMLESS`.
-- `torch`: torch.utils.flop_counter.FlopCounterMode (its flops / 2 = MACs). Counts matmuls and convs only,
-  silently skipping everything else; a stand-in if fvcore (last release 2022, traces via TorchScript) breaks.
-Parameters up to exit k are those of the modules called up to head k (found with forward hooks).
+- `fvcore` (default): fvcore's FlopCountAnalysis, one multiply-add = one flop. It counts convs, linears,
+  BN (2 per element in eval mode) and LayerNorm (5 per element with its affine) but not ReLU; we add pooling
+  as the reference counts it (output elements times kernel area) and attention, which fvcore skips:
+  `scaled_dot_product_attention` (QK^T and AV: L S (E + E_v) per batch and head) and the fused
+  `_native_multi_head_attention` that nn.MultiheadAttention runs in eval mode (its in-projections, QK^T, AV
+  and out-projection). Operators fvcore cannot count fail loudly, except the cost-free ones in `_HARMLESS`.
+- `torch`: torch.utils.flop_counter.FlopCounterMode (its flops / 2 = MACs). Counts matmuls, convs and
+  attention (the two attention operators above added) only, silently skipping everything else; a stand-in if
+  fvcore (last release 2022, traces via TorchScript) breaks.
+Parameters up to exit k are those of the modules called up to head k (found with forward hooks); an
+nn.MultiheadAttention's include its out_proj, whose weights it uses without calling it.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ class _ModulesCalled:
             for phase, module in self.called:
                 if phase != k:
                     continue
-                for p in module.parameters(recurse=False):
+                for p in module.parameters(recurse=isinstance(module, nn.MultiheadAttention)):  # its out_proj
                     if id(p) not in seen:
                         seen.add(id(p))
                         total += p.numel()
@@ -190,7 +195,7 @@ def params_used(module: nn.Module, x: torch.Tensor) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    unique = {id(p): p for m in called for p in m.parameters(recurse=False)}
+    unique = {id(p): p for m in called for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention))}
     return sum(p.numel() for p in unique.values())
 
 
@@ -207,6 +212,48 @@ def _pool_macs(inputs, outputs) -> int:
     return math.prod(get_shape(outputs[0])) * math.prod(kernel)
 
 
+def _attention_macs(q: list[int], k: list[int], v: list[int]) -> int:
+    # QK^T and AV over batch (and head) dims: L x S scores of E-wide rows, then L rows of E_v from S values
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def _sdpa_macs(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    return _attention_macs(*(get_shape(v) for v in inputs[:3]))
+
+
+def _native_mha_macs(inputs, outputs) -> int:
+    # query [B, L, E], key [B, S, E], value [B, S, E]: in-projections, the heads' attention (E = heads x E/heads),
+    # out-projection
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return _native_mha_count(q, k, v)
+
+
+def _native_mha_count(q: list[int], k: list[int], v: list[int]) -> int:
+    b, e = math.prod(q[:-2]), q[-1]
+    return b * e * e * (q[-2] + k[-2] + v[-2]) + _attention_macs(q, k, v) + b * q[-2] * e * e
+
+
+def _torch_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _attention_macs(list(query), list(key), list(value))
+
+
+def _torch_native_mha(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _native_mha_count(list(query), list(key), list(value))
+
+
+def _torch_extra() -> dict:
+    """Attention operators FlopCounterMode has no formula for (flops, 2 per MAC)."""
+    aten = torch.ops.aten
+    extra = {aten._native_multi_head_attention: _torch_native_mha}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra[aten._scaled_dot_product_flash_attention_for_cpu] = _torch_attention
+    return extra
+
+
 def _fvcore_analysis(module: nn.Module, x: torch.Tensor):
     """fvcore's analysis of `module(x)`, traced and checked: operators it cannot count that may carry cost
     are an error, not a silent zero."""
@@ -218,7 +265,9 @@ def _fvcore_analysis(module: nn.Module, x: torch.Tensor):
         from fvcore.nn import FlopCountAnalysis
 
         analysis = FlopCountAnalysis(module, (x,))
-        analysis.set_op_handle("aten::max_pool2d", _pool_macs, "aten::avg_pool2d", _pool_macs)
+        analysis.set_op_handle("aten::max_pool2d", _pool_macs, "aten::avg_pool2d", _pool_macs,
+                               "aten::scaled_dot_product_attention", _sdpa_macs,
+                               "aten::_native_multi_head_attention", _native_mha_macs)
         # We check unsupported operators ourselves below; fvcore's own warnings would be noise.
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         # "caller": an op counts toward every module on the call stack that ran it (our phase modules).
@@ -249,7 +298,7 @@ def _fvcore_phases(phased: _Phased, x: torch.Tensor) -> list[int]:
 def _torch_mode(module: nn.Module, x: torch.Tensor):
     from torch.utils.flop_counter import FlopCounterMode
 
-    mode = FlopCounterMode(display=False)
+    mode = FlopCounterMode(display=False, custom_mapping=_torch_extra())
     with mode:
         module(x)
     return mode
@@ -258,7 +307,7 @@ def _torch_mode(module: nn.Module, x: torch.Tensor):
 def _torch_phases(phased: _Phased, x: torch.Tensor) -> list[int]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    mode = FlopCounterMode(display=False)
+    mode = FlopCounterMode(display=False, custom_mapping=_torch_extra())
     totals: list[int] = []
     # After head k has run, the running total is exit k's cumulative cost (FlopCounterMode: 2 flops per MAC).
     hooks = [head.register_forward_hook(lambda m, args, out: totals.append(mode.get_total_flops() // 2))

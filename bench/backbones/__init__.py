@@ -1,6 +1,6 @@
 """Multi-exit backbones; importing this package registers every family in BACKBONES."""
 
-from bench.backbones import msdnet, ranet, sdn, tiny  # noqa: F401  (each module registers its family)
+from bench.backbones import msdnet, ranet, sdn, tiny, vit  # noqa: F401  (each module registers its family)
 from bench.backbones.contract import MultiExitNet, Truncated, map_state  # noqa: F401
 from bench.registry import BACKBONES
 

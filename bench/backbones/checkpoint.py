@@ -13,6 +13,11 @@ Formats (after unwrapping a `state_dict` / `model_state_dict` / `model` entry an
 - kalviny/IMTA stage 2 (`IMTA_MSDNet`: `net.*`, `classifier.*`, `isc_modules.*`): its frozen GE-trained MSDNet
   `net.*` loads, with its own (stage-1) heads; the ISC heads have no counterpart here and are left out,
   which `Weights.note` says.
+- torchvision's `VisionTransformer` state dict (`class_token`, `conv_proj.*`, `encoder.layers.encoder_layer_i.*`,
+  `encoder.ln.*`, `heads.*`; torchvision's hub files and `model.state_dict()`): renamed to our ViT's (`embed.*`,
+  `blocks.i.*`, `final.*`; the old MLPBlock's `mlp.linear_1/2` to `mlp.0/3`); it has no exit heads, which keep
+  their fresh initialisation (`Weights.fresh`, `Weights.note`), and a model's `adapt_state` resizes its position
+  embedding to the model's patch grid.
 Loading is strict by default: every missing or unexpected key and every shape mismatch is one UsageError line
 naming the first ones. The one exception is BatchNorm's `num_batches_tracked` counter, absent from files saved
 before PyTorch 0.4.1; it does not affect outputs. Files are read with `torch.load(weights_only=True)`.
@@ -37,6 +42,19 @@ _PREFIXES = ("module.",)
 _OPTIONAL = "num_batches_tracked"
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
 
+# torchvision's VisionTransformer -> bench.backbones.vit, applied in order to every key.
+_TORCHVISION_VIT_RULES = [
+    (r"^conv_proj\.", "embed.conv_proj."),
+    (r"^class_token$", "embed.class_token"),
+    (r"^encoder\.pos_embedding$", "embed.pos_embedding"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."),
+    (r"\.mlp\.linear_1\.", ".mlp.0."),  # torchvision < 0.13's MLPBlock (its hub files keep these names)
+    (r"\.mlp\.linear_2\.", ".mlp.3."),
+    (r"^encoder\.ln\.", "final.ln."),
+    (r"^heads\.", "final."),
+]
+_TORCHVISION_VIT_KEYS = {"class_token", "conv_proj.weight", "encoder.pos_embedding", "encoder.ln.weight"}
+
 # RANet-pytorch -> bench.backbones.ranet, applied in order to every key.
 _RANET_RULES = [
     (r"^FirstLayer\.layers\.(\d+)\.net\.", r"first.\1."),  # CIFAR stem: ConvBasic
@@ -59,6 +77,7 @@ class Weights:
     config: dict[str, Any] | None = None  # exitbench checkpoints only
     readout: dict[str, torch.Tensor] | None = None  # exitbench checkpoints: the method's readout (bench.readout)
     note: str | None = None  # what was deliberately left out
+    fresh: tuple[str, ...] = ()  # prefixes of model keys the format cannot hold (a torchvision ViT's exit heads)
 
 
 def torch_load(path: str | Path, trusted: bool = False) -> Any:
@@ -124,6 +143,10 @@ def parse(obj: Any, where: str = "checkpoint") -> Weights:
     if "first_hidden_layer.fc.weight" in state:
         raise UsageError(f"{where} holds only an L2W-DEN weight prediction network (WPN), no model; give the "
                          f"checkpoint whose 'state_dict' holds the network")
+    if _TORCHVISION_VIT_KEYS <= set(state):
+        return Weights("torchvision ViT", _rename(state, _TORCHVISION_VIT_RULES), wpn, fresh=("exits.",),
+                       note="a torchvision VisionTransformer has no exit heads: the exits (exits.*) keep their "
+                            "fresh initialisation")
     if any(k.startswith(("FirstLayer.", "scale_flows.")) for k in state):
         return Weights("RANet-pytorch", _rename(state, _RANET_RULES), wpn)
     if any(k.startswith("isc_modules.") for k in state) and any(k.startswith("net.") for k in state):
@@ -137,15 +160,19 @@ def parse(obj: Any, where: str = "checkpoint") -> Weights:
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str = "checkpoint", *,
-                 strict: bool = True) -> list[str]:
+                 strict: bool = True, fresh: tuple[str, ...] = ()) -> list[str]:
     """Load `state` (our key names) into `model`. Strict: any mismatch is one UsageError line and nothing is
-    changed. Not strict: every key whose name and shape match is loaded; returns the model keys left as they
-    were."""
+    changed, but model keys starting with a `fresh` prefix may be absent (they keep their values). Not strict:
+    every key whose name and shape match is loaded. Returns the model keys left as they were. A model with an
+    `adapt_state(state) -> state` method (the ViT's position embedding resize) adapts `state` first."""
+    adapt = getattr(model, "adapt_state", None)
+    if callable(adapt):
+        state = adapt(dict(state))
     expected = model.state_dict()
     if strict:
-        _check(model, state, where)
+        _check(model, state, where, fresh)
         model.load_state_dict(state, strict=False)  # _check proved the keys equal, up to num_batches_tracked
-        return []
+        return [k for k in expected if k not in state and k.startswith(fresh)]
     fitting = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     if not fitting:
         raise UsageError(f"{where}: not one key of it fits the {type(model).__name__} built from this config "
@@ -200,9 +227,9 @@ def _wpn(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _rename(state, rules)
 
 
-def _check(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+def _check(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, fresh: tuple[str, ...] = ()) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith(_OPTIONAL)]
+    missing = [k for k in expected if k not in state and not k.endswith(_OPTIONAL) and not k.startswith(fresh)]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {list(state[k].shape)} vs model {list(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -224,7 +251,8 @@ def init_from(path: str | Path, model: nn.Module, strategy: Any = None, *, stric
     strategy have one (l2w), its WPN into `strategy.wpn`. Prints what was loaded or left out."""
     where = f"init.checkpoint {str(path)!r}"
     weights = parse(read_file(path), where)
-    left = load_weights(model, weights.model, f"{where} ({weights.kind} checkpoint)", strict=strict)
+    left = load_weights(model, weights.model, f"{where} ({weights.kind} checkpoint)", strict=strict,
+                        fresh=weights.fresh)
     wpn = getattr(strategy, "wpn", None)
     loaded_wpn = weights.wpn is not None and isinstance(wpn, nn.Module)
     if loaded_wpn:

@@ -311,7 +311,8 @@ def cli_list_cuts(args) -> int:
     load_all()
     if BACKBONES.get(args.backbone).factory is not sdn:
         raise UsageError(f"--list-cuts: {args.backbone} has fixed exits; only sdn backbones (sdn, "
-                         f"{', '.join(BACKBONES.presets('sdn'))}) are cut at named layers")
+                         f"{', '.join(BACKBONES.presets('sdn'))}) are cut at named layers and vit backbones (vit, "
+                         f"{', '.join(BACKBONES.presets('vit'))}) after encoder blocks")
     values = {key.removeprefix("backbone."): value for key, value in parse_overrides(args.options)}
     params = BACKBONES.params(args.backbone, values)
     valid = cut_points(params.arch, args.in_channels)

@@ -62,13 +62,16 @@ def _flops(sub):
     p.add_argument("--counter", choices=["fvcore", "torch"], default="fvcore", help="MAC counter (default fvcore)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list-cuts", action="store_true",
-                   help="sdn backbones: list the layer names that backbone.cuts may use (in forward order), no count")
+                   help="sdn and vit backbones: list the layer or block names that backbone.cuts may use (in "
+                        "forward order), no count")
 
     def run(args):
-        if args.list_cuts:
-            from bench.backbones.sdn import cli_list_cuts
+        if args.list_cuts:  # sdn backbones are cut at named layers, vit backbones after encoder blocks
+            from bench.backbones import sdn, vit
+            from bench.registry import BACKBONES, load_all
 
-            return cli_list_cuts(args)
+            load_all()
+            return (vit if BACKBONES.get(args.backbone).factory is vit.vit else sdn).cli_list_cuts(args)
         from bench.flops import cli_flops
 
         return cli_flops(args)
@@ -83,7 +86,8 @@ def _budget(sub):
                                    "test_labels, macs [K]; a run's logits.pt holds its readout's outputs there, "
                                    "raw exits as *_raw_logits): anytime table, the 39-budget dynamic protocol, "
                                    "summary.")
-    p.add_argument("logits", help="logits .pt file, or a run folder (its logits.pt)")
+    p.add_argument("logits", help="logits .pt file, a run folder (its logits.pt) or a sweep's trial folder (its "
+                                  "run/logits.pt)")
     p.add_argument("--confidence", choices=["max_softmax", "entropy", "margin"], default="max_softmax",
                    help="exit confidence: max softmax probability (default, the reference's), negative entropy, "
                         "or top-1 minus top-2 probability")
@@ -112,7 +116,8 @@ def _evaluate(sub):
                                    "project's file (kalviny/MSDNet-PyTorch, LeapLabTHU/L2W-DEN, "
                                    "yangle15/RANet-pytorch, kalviny/IMTA; detected by content) needs backbone=... "
                                    "and data=... overrides.")
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("checkpoint", help="checkpoint file, run folder, or a sweep's trial folder or its run/ folder "
+                                      "(the newest checkpoint the trial kept)")
     _overrides(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -132,7 +137,8 @@ def _latency(sub):
                                    "batch) and every exit alone; print accuracy vs measured ms/image and images/s "
                                    "beside the MACs, check the real-exit accuracy against the simulated one, and "
                                    "store the rows (result.json and the results store's latency table).")
-    p.add_argument("run_dir", help="run folder of `exitbench train` (config, checkpoint.pt, logits.pt, result.json)")
+    p.add_argument("run_dir", help="run folder of `exitbench train` (config, checkpoint.pt, logits.pt, result.json), "
+                                   "or a finished sweep trial's folder or its run/ folder")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's config)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the batched mode (default 64)")
     p.add_argument("--budgets", type=int, nargs="+", default=None, metavar="P",
