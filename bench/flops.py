@@ -385,7 +385,7 @@ def cli_flops(args) -> int:
     unit = "G" if report.macs[-1] >= 1e9 else "M"
     print(f"{args.backbone}: {image_size}x{image_size}x{args.in_channels} input, {num_classes} classes, "
           f"counter {report.counter} {report.counter_version} (cumulative, earlier exits included)")
-    print(f"{'exit':>4}  {'MACs':>10}  {'params':>8}")
-    for e in report.exits:
-        print(f"{e.exit:>4}  {_format(e.macs, unit):>10}  {e.params / 1e6:>7.2f}M")
+    print(f"{'exit':>4}  {'MACs':>10}  {'params':>12}")
+    for e in report.exits:  # params counted exactly: a small net's 0.00M said nothing
+        print(f"{e.exit:>4}  {_format(e.macs, unit):>10}  {e.params:>12,}")
     return 0

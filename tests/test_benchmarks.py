@@ -78,3 +78,14 @@ def test_ddp_scaling_bad_arguments(args, message):
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batches", "0"], "--batches: expected an integer >= 1, got '0'"),
+    (["--threads", "two"], "--threads: expected an integer >= 1, got 'two'"),
+])
+def test_eval_speed_bad_arguments(args, message):
+    script = SCRIPT.parent / "eval_speed.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr

@@ -223,7 +223,7 @@ def test_figure_legends_name_the_interval_and_mark_fewer_seeds(built, sweep):
     metrics, _ = frame.trial_metrics(tables)
     agg = frame.aggregate(tables.runs, metrics, tables.exits)
     done = tables.runs[tables.runs["status"] == "finished"].assign(display=lambda d: d["label"])
-    texts = [s[3] for s in figures.plot_series(done, agg, figures.method_palette(done["method"]))]
+    texts = [s[3] for s in figures.plot_series(done, agg, figures.method_palette(done["label"]))]
     assert "l2w (epsilon=0.5) · n = 3 (+1 failed)" in texts
     assert "l2w (epsilon=1) · n = 1 of 3: no CI (n < 3)" in texts and "uniform · n = 3" in texts
     out, files = built
@@ -499,7 +499,7 @@ def test_committed_results_rebuild_from_their_store(tmp_path, sweep_name):
 
 
 def test_committed_leaderboard_rebuilds_with_its_published_rows(tmp_path):
-    """results/leaderboard.md is `make leaderboard-report`: both committed sweeps and the published rows."""
+    """results/leaderboard.md is `make results-leaderboard`: both committed sweeps and the published rows."""
     for name in ("fashion-mnist", "default"):
         shutil.copytree(ROOT / "results" / name / "store", tmp_path / name / "store")
     build.build_leaderboard([str(tmp_path / "fashion-mnist"), str(tmp_path / "default")], tmp_path / "out",

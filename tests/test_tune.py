@@ -61,7 +61,9 @@ def test_sweep_two_methods_two_seeds_fills_the_store(ray_session, run_cli, tmp_p
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["name"] == "grid"
 
     code, _, err = run_cli("sweep", sweep_file(tmp_path, "grid"))  # the name is taken now
-    assert code == 2 and "already exists" in one_line(err) and "--resume grid" in err
+    # storage_path is not ./runs here: the printed command names the sweep's folder, so it works as printed
+    assert code == 2 and "already exists" in one_line(err)
+    assert f"`exitbench sweep --resume {sweep_dir.resolve()}`" in err
 
 
 @pytest.mark.slow
@@ -70,7 +72,7 @@ def test_failing_trial_is_recorded_and_others_finish(ray_session, run_cli, tmp_p
     path = sweep_file(tmp_path, "fails", grid={"data": data}, seeds=[0], base=dict(TINY, epochs=1))
     code, out, _ = run_cli("sweep", path, "--quiet")
     assert code == 1 and "2 trials: 1 finished, 1 failed" in out and "TrainingDiverged" in out
-    assert "(uniform-synthetic-tiny-data=1-s0): TrainingDiverged" in out  # the label names the grid point
+    assert "(uniform-synthetic-tiny-noise=inf-s0): TrainingDiverged" in out  # the label names the grid point
     sweep_dir = tmp_path / "runs" / "fails"
     runs = results.load(sweep_dir).runs.set_index("config.data.noise")
     assert runs.loc[1.0, "status"] == "finished" and pd_isna(runs.loc[1.0, "error"])
@@ -328,14 +330,15 @@ def test_jobs_sample_the_search_space_on_every_grid_point_and_name_their_point()
     sweep = validate_sweep({"base": TINY, "grid": {**TWO_METHODS, "optim.momentum": [0.0, 0.9]}, "seeds": [3],
                             "search": {"num_samples": 2, "space": {"optim.lr": {"loguniform": [0.01, 0.5]}}}})
     assert [p["label"] for p in grid_points(sweep)] == [
-        "uniform-synthetic-tiny-method=0-momentum=0-s3", "uniform-synthetic-tiny-method=0-momentum=0.9-s3",
-        "uniform-synthetic-tiny-method=1-momentum=0-s3", "uniform-synthetic-tiny-method=1-momentum=0.9-s3"]
+        "uniform-synthetic-tiny-method=uniform-momentum=0-s3", "uniform-synthetic-tiny-method=uniform-momentum=0.9-s3",
+        "uniform-synthetic-tiny-exit_weights=[0.5,1.0]-momentum=0-s3",
+        "uniform-synthetic-tiny-exit_weights=[0.5,1.0]-momentum=0.9-s3"]
     jobs = expand(sweep, "abcde")
     assert len(jobs) == 8 and [j["key"] for j in jobs[:2]] == ["abcde_00000", "abcde_00001"]
     assert jobs == expand(sweep, "abcde")  # a pure function of the sweep: the same values again
     lrs = [j["trial"]["optim"]["lr"] for j in jobs]
     assert len(set(lrs)) == 8 and all(0.01 <= lr <= 0.5 for lr in lrs)
-    assert jobs[5]["label"] == f"uniform-synthetic-tiny-method=1-momentum=0-lr={lrs[5]:.3g}-s3"
+    assert jobs[5]["label"] == f"uniform-synthetic-tiny-exit_weights=[0.5,1.0]-momentum=0-lr={lrs[5]:.3g}-s3"
     raw = trial_dict({"point": jobs[5]})
     assert raw["method"]["exit_weights"] == [0.5, 1.0] and raw["progress"] is False and raw["seed"] == 3
 

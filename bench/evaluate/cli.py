@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,7 +16,42 @@ from bench.errors import UsageError
 from bench.evaluate.latency import format_table, run_latency
 from bench.evaluate.logits import load_logits
 from bench.evaluate.protocol import evaluate_logits, evaluate_model
-from bench.runfolder import CHECKPOINT, LOGITS, RESULT
+from bench.runfolder import CHECKPOINT, LOGITS, RESULT, TRIAL_RUN, latest_checkpoint, sweep_includes, trial_folder
+
+
+def checkpoint_of(path: Path) -> Path:
+    """The checkpoint file `path` names: a file, a run folder's checkpoint.pt, or the newest checkpoint a sweep's
+    trial folder kept (given the trial folder or its run/ folder)."""
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT).is_file():
+        return path / CHECKPOINT
+    trial = trial_folder(path)
+    newest = latest_checkpoint(trial) if trial is not None else None
+    if newest is not None:
+        return newest
+    if trial is not None:
+        raise UsageError(f"sweep trial folder {str(trial)!r} kept no checkpoint (checkpoint_NNNNNN/{CHECKPOINT}); "
+                         f"did the trial train an epoch?")
+    raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder, its {CHECKPOINT}, a sweep's trial "
+                     f"folder, or a reference checkpoint file)")
+
+
+def _trial_config(raw: dict, path: Path, command: str, given: str):
+    """`validate_trial(raw)`; a component the config names but nothing registered (a plugin's, in a sweep started
+    with --include) is one line naming the --include that the sweep was started with."""
+    from bench.errors import ConfigError
+    from bench.registry import included
+
+    try:
+        return validate_trial(raw)
+    except ConfigError as err:
+        plugins = [p for p in sweep_includes(path) if p not in included()]
+        if not plugins or "unknown" not in str(err):
+            raise
+        flags = " ".join(f"--include {shlex.quote(p)}" for p in plugins)
+        raise ConfigError(f"{err}; the sweep was started with {flags}: `exitbench {flags} {command} "
+                          f"{shlex.quote(given)}`") from None
 
 
 def cli_evaluate(args) -> int:
@@ -24,17 +60,12 @@ def cli_evaluate(args) -> int:
     from bench.backbones.checkpoint import load_weights, parse, read_file
     from bench.config import apply_overrides
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {str(path)!r} (expected a run folder, its {CHECKPOINT}, or a "
-                         f"reference checkpoint file)")
+    path = checkpoint_of(Path(args.checkpoint))
     weights = parse(read_file(path), str(path))
     if weights.config is None and not any(o.split("=")[0].split(".")[0] == "backbone" for o in args.overrides):
         raise UsageError(f"{str(path)!r} is a {weights.kind} checkpoint, which records no config: give the "
                          f"backbone it was trained with, e.g. backbone=msdnet-cifar-budget data=cifar100")
-    cfg = validate_trial(apply_overrides(weights.config or {}, args.overrides))
+    cfg = _trial_config(apply_overrides(weights.config or {}, args.overrides), path, "evaluate", args.checkpoint)
     device = resolve_device(cfg.device)
     bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=device)
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
@@ -58,8 +89,11 @@ def cli_evaluate(args) -> int:
     readout_cost = readout_macs(readout)
     macs = [e.macs + r for e, r in
             zip(per_exit_cost(model, bundle.image_size, bundle.in_channels).exits, readout_cost)]
+    # a progress bar per split unless progress=false is given here (a sweep trial's config says false: that
+    # was for its Ray worker, not for this terminal)
+    progress = cfg.progress or not any(o.partition("=")[0] == "progress" for o in args.overrides)
     report = evaluate_model(model, readout, bundle.calib, bundle.test, device, macs,
-                            readout_macs=readout_cost, confidence=cfg.eval.confidence)
+                            readout_macs=readout_cost, confidence=cfg.eval.confidence, progress=progress)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -71,6 +105,11 @@ def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _mmacs(value) -> str:
+    """MACs in millions, as every other MACs figure of the report ('-': never reached)."""
+    return "-" if value is None else f"{value / 1e6:.4f} M"
+
+
 def format_report(report: dict) -> str:
     """Text tables of an `evaluate_logits` report: anytime, budgeted batch, summary."""
     readout = any(row.get("readout_macs") for row in report["anytime"])
@@ -80,8 +119,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{row['exit']:>4}  {row['top1']:>8.2f}  {row['top5']:>8.2f}  {row['macs'] / 1e6:>11.4f}"
                      + (f"  {row['readout_macs']:>14,.0f}" if readout else ""))
     s = report["summary"]
-    lines += ["", f"budgeted batch (confidence {s.get('confidence')}; thresholds fitted on the calibration split; "
-                  f"'-' threshold = never, last = always)",
+    lines += ["", f"budgeted batch (confidence {s.get('confidence')}; exit thresholds fitted on the calibration "
+                  f"split: val % is that split, test % the test split; `--json` gives the thresholds)",
               f"{'p':>3}  {'q':>5}  {'val %':>7}  {'test %':>7}  {'E[MACs] (M)':>11}  exit fractions"]
     for row in report["budgets"]:
         fractions = " ".join(f"{f:.3f}" for f in row["exit_fractions"])
@@ -97,10 +136,10 @@ def format_report(report: dict) -> str:
                  f"anytime {s['anytime_auc']:.3f}")
     lines.append(f"  best of the 39 budgets {s['best_acc']:.2f} % at {s['best_acc_macs'] / 1e6:.4f} M MACs "
                  f"(reports' best: the top of the curve with each exit alone)")
-    lines.append(f"  exit K accuracy {s['full_acc']:.2f} % first reached at {_fmt(s['macs_at_full_acc'], '.4g')} MACs "
+    lines.append(f"  exit K accuracy {s['full_acc']:.2f} % first reached at {_mmacs(s['macs_at_full_acc'])} MACs "
                  f"(speed-up {_fmt(s['speedup_at_full_acc'], '.2f')}x)")
     for item in s["macs_to_reach"]:
-        lines.append(f"  {item['acc']:.2f} % first reached at {_fmt(item['macs'], '.4g')} MACs")
+        lines.append(f"  {item['acc']:.2f} % first reached at {_mmacs(item['macs'])} MACs")
     if "oracle_acc" in s:
         lines.append(f"  oracle exit (earliest correct): {s['oracle_acc']:.2f} % at "
                      f"{s['oracle_macs'] / 1e6:.4f} M MACs")
@@ -120,9 +159,10 @@ def _checkpoint(run_dir: Path) -> Path:
     """The run's checkpoint.pt; for a sweep trial's run folder, the newest one Ray Tune kept for the trial."""
     if (run_dir / CHECKPOINT).is_file():
         return run_dir / CHECKPOINT
-    kept = sorted(run_dir.parent.glob(f"checkpoint_*/{CHECKPOINT}"))
-    if kept:
-        return kept[-1]
+    trial = trial_folder(run_dir)
+    kept = latest_checkpoint(trial) if trial is not None else None
+    if kept is not None:
+        return kept
     raise UsageError(f"no {CHECKPOINT} in {str(run_dir)!r} (nor a Ray Tune checkpoint beside it); give the folder "
                      f"of a finished `exitbench train` run")
 
@@ -142,7 +182,11 @@ def cli_latency(args) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"run folder {str(run_dir)!r} does not exist; give the out_dir of an `exitbench train` run")
+        raise UsageError(f"run folder {str(run_dir)!r} does not exist; give the out_dir of an `exitbench train` run "
+                         f"or a sweep's trial folder")
+    trial = trial_folder(run_dir)
+    if trial is not None and (trial / TRIAL_RUN).is_dir():  # a sweep's trial folder: its run/ folder
+        run_dir = trial / TRIAL_RUN
     for name in (RESULT, LOGITS):
         if not (run_dir / name).is_file():
             raise UsageError(f"{str(run_dir)!r} has no {name}: latency needs a finished run (its thresholds and "
@@ -162,8 +206,12 @@ def cli_latency(args) -> int:
                          f"latency needs a finished run")
     ckpt = _checkpoint(run_dir)
     weights = parse(read_file(ckpt), str(ckpt))
-    cfg = validate_trial(record.config)
-    device = resolve_device(args.device or cfg.device)
+    cfg = _trial_config(record.config, run_dir, "latency", args.run_dir)
+    wanted = args.device or cfg.device
+    if wanted.startswith("cuda") and not torch.cuda.is_available():  # the option here is --device, not device=
+        given = f"--device {args.device}" if args.device else f"the run's device={cfg.device} (its config)"
+        raise UsageError(f"{given} asks for CUDA, which is not available here; use --device cpu or --device auto")
+    device = resolve_device(wanted)
     bundle = datasets.build(cfg.data, cfg.batch_size, seed=cfg.seed, device=torch.device("cpu"))
     model = backbones.build(cfg.backbone, bundle.num_classes, bundle.in_channels, bundle.image_size)
     load_weights(model, weights.model, str(ckpt))

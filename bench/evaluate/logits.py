@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from bench.errors import UsageError
-from bench.runfolder import LOGITS
+from bench.runfolder import LOGITS, TRIAL_RUN
 
 KEYS = ("val_logits", "val_labels", "test_logits", "test_labels", "macs")
 
@@ -31,9 +31,13 @@ class Collected(NamedTuple):
     labels: torch.Tensor  # [N] long
 
 
-def collect_exits(model, loader, device, readout=None) -> Collected:
+def collect_exits(model, loader, device, readout=None, *, progress: bool = False,
+                  desc: str = "evaluating") -> Collected:
     """Every exit's raw logits over `loader` and what the exits report through `readout` (bench.readout;
-    None or the identity: the raw logits). Eval mode for both; their previous modes are restored."""
+    None or the identity: the raw logits). Eval mode for both; their previous modes are restored. The batches
+    run as bench.evaluate.batches.map_batches runs them (in parallel on a CPU, the same bits); `progress`: a
+    progress bar on stderr named `desc`."""
+    from bench.evaluate.batches import map_batches
     from bench.readout import Readout, readout_outputs
 
     identity = readout is None or type(readout) is Readout
@@ -41,16 +45,19 @@ def collect_exits(model, loader, device, readout=None) -> Collected:
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
+
+    def outputs(x, y):
+        raw = [z.float() for z in model(x)]
+        reported = None if identity else torch.stack([o.float() for o in readout_outputs(readout, raw)]).cpu()
+        return torch.stack(raw).cpu(), reported, torch.as_tensor(y).long().cpu()
+
     raw_parts, out_parts, labels = [], [], []
     try:
-        with torch.no_grad():
-            for batch in loader:
-                x, y = batch[0], batch[1]
-                raw = [z.float() for z in model(x.to(device, non_blocking=True))]
-                raw_parts.append(torch.stack(raw).cpu())
-                if not identity:
-                    out_parts.append(torch.stack([o.float() for o in readout_outputs(readout, raw)]).cpu())
-                labels.append(torch.as_tensor(y).long().cpu())
+        for raw, reported, y in map_batches(outputs, loader, device, progress=progress, desc=desc):
+            raw_parts.append(raw)
+            if not identity:
+                out_parts.append(reported)
+            labels.append(y)
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
@@ -178,10 +185,12 @@ def save_logits(path, val_logits, val_labels, test_logits, test_labels, macs, *,
 def load_logits(path) -> dict[str, torch.Tensor]:
     """Read and validate a logits file (weights-only load: tensors, no arbitrary pickles)."""
     path = Path(path)
-    if path.is_dir():  # a run folder: its logits.pt
+    if path.is_dir():  # a run folder: its logits.pt; a sweep's trial folder: its run/logits.pt
+        if not (path / LOGITS).is_file() and (path / TRIAL_RUN / LOGITS).is_file():
+            path = path / TRIAL_RUN
         if not (path / LOGITS).is_file():
-            raise UsageError(f"{str(path)!r} is a folder without logits.pt; give a logits file or the folder of a "
-                             f"finished `exitbench train` run")
+            raise UsageError(f"{str(path)!r} is a folder without logits.pt; give a logits file, the folder of a "
+                             f"finished `exitbench train` run or a finished sweep trial's folder")
         path = path / LOGITS
     if not path.is_file():
         raise UsageError(f"logits file {str(path)!r} not found")
@@ -191,5 +200,12 @@ def load_logits(path) -> dict[str, torch.Tensor]:
         data = torch_load(path)
     except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
         raise UsageError(f"cannot read logits file {str(path)!r}: {load_error(err)}") from None
+    if isinstance(data, dict) and data and not any(k in data for k in KEYS) and (any(
+            k in data for k in ("model", "state_dict", "model_state_dict", "epoch", "optimizer"))
+            or all(isinstance(v, torch.Tensor) for v in data.values())):  # a bare state dict
+        import shlex
+
+        raise UsageError(f"{str(path)!r} is a checkpoint, not a logits file: `exitbench evaluate "
+                         f"{shlex.quote(str(path))}` runs it on its data (or give a run's {LOGITS})")
     return validate_logits(data, source=str(path))
 

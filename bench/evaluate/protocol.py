@@ -416,12 +416,13 @@ def evaluate_logits(data: dict, confidence: str = "max_softmax", *, at_macs: Seq
 
 
 def evaluate_model(model, readout, calib_loader, test_loader, device, macs, *, readout_macs=None,
-                   confidence: str = "max_softmax", logits_path=None) -> dict:
+                   confidence: str = "max_softmax", logits_path=None, progress: bool = False) -> dict:
     """Collect the calibration and test splits through the readout, write `logits_path` (readout outputs
     and raw exits) when given, and evaluate the readout outputs (`evaluate_logits`). `macs` are the
-    cumulative per-exit MACs, readout included; `readout_macs` the readout's share of them."""
-    val = collect_exits(model, calib_loader, device, readout)
-    test = collect_exits(model, test_loader, device, readout)
+    cumulative per-exit MACs, readout included; `readout_macs` the readout's share of them. `progress`: a
+    progress bar per split on stderr (bench.evaluate.batches)."""
+    val = collect_exits(model, calib_loader, device, readout, progress=progress, desc="evaluating: calibration")
+    test = collect_exits(model, test_loader, device, readout, progress=progress, desc="evaluating: test")
     data = {"val_logits": val.outputs, "val_labels": val.labels, "test_logits": test.outputs,
             "test_labels": test.labels, "macs": macs, "val_raw_logits": val.raw, "test_raw_logits": test.raw}
     if readout_macs is not None:

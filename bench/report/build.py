@@ -12,7 +12,7 @@ import pandas as pd
 
 from bench import results
 from bench.errors import UsageError, check_output_dir
-from bench.report.figures import figures, latency_figure, method_palette
+from bench.report.figures import figures, latency_figure, leaderboard_figure, method_palette
 from bench.report.frame import (
     KEYS,
     METRICS,
@@ -25,7 +25,7 @@ from bench.report.frame import (
     resolve_baseline,
     trial_metrics,
 )
-from bench.report.tables import leaderboard_markdown, provenance, report_latex, report_markdown
+from bench.report.tables import leaderboard_markdown, macs_scale, provenance, report_latex, report_markdown
 
 
 def _check_metric(metric: str) -> None:
@@ -117,7 +117,7 @@ def write_report(tables: results.Tables, name: str, out: str | Path, baseline: s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tight_layout notes
             pairs = paired_trials(runs, metrics, base) if base is not None else None
-            written += figures(out, runs, tables, metrics, curves, agg, method_palette(runs["method"]), pairs)
+            written += figures(out, runs, tables, metrics, curves, agg, method_palette(runs["label"]), pairs)
             written += latency_figure(out, runs, getattr(tables, "latency", None))
     return written
 
@@ -141,12 +141,52 @@ def build_leaderboard(sweep_dirs: list[str], out: str | Path, metric: str = "auc
     agg["sources"] = sources.reindex(pd.MultiIndex.from_frame(agg[KEYS])).to_numpy()
     out = _out_dir(out)
     written = [out / "leaderboard.md", out / "leaderboard.csv"]
-    text = leaderboard_markdown(agg, metric, name, comp, base, _base_groups(runs, base), provenance(runs))
+    settings = panel_settings(runs, agg)
+    text = leaderboard_markdown(agg, metric, name, comp, base, _base_groups(runs, base), provenance(runs), settings)
     if cited:
         text = text.rstrip("\n") + "\n\n" + published_mod.markdown(cited)
     results.atomic_write_text(written[0], text)
     results.atomic_write_text(written[1], _csv(agg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tight_layout notes
+        written += leaderboard_figure(out, agg, metric, settings, method_palette(agg["label"]))
     return written
+
+
+def panel_settings(runs: pd.DataFrame, agg: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """What a reader must know to compare the panels of a leaderboard of several sweeps: each dataset x backbone's
+    MACs at the last exit and its training epochs, each only when the panels differ in it (a leaderboard whose
+    panels share both says nothing more)."""
+    if runs["source"].nunique() < 2 or agg.empty:
+        return {}
+    done = runs[runs["status"] == "finished"]
+    facts: dict[tuple[str, str], dict[str, str]] = {}
+    for (dataset, backbone), g in agg.groupby(["dataset", "backbone"], sort=True):
+        macs = sorted({float(m) for m in g["last_macs"] if pd.notna(m)})
+        mine = done[(done["dataset"] == dataset) & (done["backbone"] == backbone)]
+        epochs = sorted({int(e) for e in mine.get("config.epochs", pd.Series(dtype=float)).dropna()})
+        counter = ", ".join(sorted({str(c) for c in g["counter"].dropna()})) or "counter unknown"
+        facts[(dataset, backbone)] = {
+            "macs": f"{_macs_text(macs[0], macs[-1])} MACs at the last exit ({counter})" if macs else "",
+            "epochs": (" / ".join(map(str, epochs)) + (" epoch" if epochs == [1] else " epochs")) if epochs else ""}
+    differing = [k for k in ("macs", "epochs") if len({f[k] for f in facts.values()}) > 1]
+    if not differing:
+        return {}
+    return {panel: "Setting: " + " · ".join(f[k] for k in differing if f[k]) + f" ({_sources(runs, panel)})."
+            for panel, f in facts.items()}
+
+
+def _macs_text(low: float, high: float) -> str:
+    """'11.25 M', or '11.25–11.27 M' where the groups differ (a readout's MACs)."""
+    unit, scale = macs_scale(high)
+    low_text, high_text = f"{low / scale:.4g}", f"{high / scale:.4g}"
+    return f"{low_text}–{high_text} {unit}" if low_text != high_text else f"{high_text} {unit}".rstrip()
+
+
+def _sources(runs: pd.DataFrame, panel: tuple[str, str]) -> str:
+    chosen = runs[(runs["dataset"] == panel[0]) & (runs["backbone"] == panel[1])]
+    names = sorted(set(chosen["source"].astype(str)))
+    return ("sweep " if len(names) == 1 else "sweeps ") + ", ".join(names)
 
 
 def cli_report(args) -> int:

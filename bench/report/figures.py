@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench import results
 from bench.evaluate.curves import Curves
-from bench.report.frame import trial_test_sizes
+from bench.report.frame import METRICS, trial_test_sizes
 from bench.report.stats import CI_KIND, DEFAULT_TEST_SIZE, DIFF_CI_KIND, MIN_SEEDS_FOR_CI, logit_t, t_bounds
 from bench.report.tables import DAGGER, macs_scale
 
@@ -23,24 +23,27 @@ LINESTYLES = ("-", "--", ":", "-.")
 PALETTE_SIZE = 10  # seaborn's colorblind palette
 
 
-def method_palette(methods) -> dict[str, tuple]:
-    """One colour per method, fixed by the sorted method names: seaborn's colorblind palette. Past ten methods
-    the colours repeat, and each repeat draws its lines in other styles (`method_line_style`) and its bars hatched
+def method_palette(groups) -> dict[str, tuple]:
+    """One colour per group, fixed by the sorted group names: seaborn's colorblind palette. A report passes its
+    groups' labels (a method, or a method's variant such as 'l2w (epsilon=0.4)'), so the variants of an ablation
+    get colours of their own, not one colour with its lines over each other's bands. Past ten groups the colours
+    repeat, and each repeat draws its lines in other styles (`method_line_style`) and its bars hatched
     (`method_hatch`): evenly spaced hues (husl) grow too close to tell neighbours apart."""
     import seaborn as sns
 
     colours = sns.color_palette("colorblind", PALETTE_SIZE)
-    return {name: colours[i % PALETTE_SIZE] for i, name in enumerate(sorted(set(methods)))}
+    return {name: colours[i % PALETTE_SIZE] for i, name in enumerate(sorted(set(groups)))}
 
 
-def _repeat(palette: dict[str, tuple], method: str) -> int:
-    """How many times the palette had gone round before `method`'s colour (0 for the first ten methods)."""
-    return sorted(palette).index(method) // PALETTE_SIZE
+def _repeat(palette: dict[str, tuple], group: str) -> int:
+    """How many times the palette had gone round before `group`'s colour (0 for the first ten groups)."""
+    return sorted(palette).index(group) // PALETTE_SIZE
 
 
-def method_line_style(palette: dict[str, tuple], method: str, variant: int) -> str:
-    """A method's variants take the line styles in turn; a repeated colour starts two styles further on."""
-    return LINESTYLES[(variant + 2 * _repeat(palette, method)) % len(LINESTYLES)]
+def method_line_style(palette: dict[str, tuple], group: str, variant: int = 0) -> str:
+    """Lines of one colour take the line styles in turn (`variant`: e.g. a group against several baseline
+    variants); a repeated colour starts two styles further on."""
+    return LINESTYLES[(variant + 2 * _repeat(palette, group)) % len(LINESTYLES)]
 
 
 def method_hatch(palette: dict[str, tuple], method: str) -> str | None:
@@ -80,13 +83,14 @@ def _counter_text(g: pd.DataFrame) -> str:
 
 
 def plot_series(g: pd.DataFrame, agg: pd.DataFrame, palette: dict[str, tuple]):
-    """Per (method, variant) of a panel's finished trials: trial ids, colour, line style and legend label.
-    The label gives n and marks groups with fewer seeds than the panel's fullest, failed or stopped trials,
-    and those with too few seeds for an interval."""
+    """Per (method, variant) of a panel's finished trials: trial ids, colour, line style and legend label
+    (`palette`: by group label, see method_palette). The label gives n and marks groups with fewer seeds than the
+    panel's fullest, failed or stopped trials, and those with too few seeds for an interval."""
     info = agg.set_index(["method", "variant"])
     full = int(info["seeds"].max()) if len(info) else 0
     for method, by_method in g.groupby("method", sort=True):
-        for j, (variant, grp) in enumerate(by_method.groupby("variant", sort=True)):
+        for variant, grp in by_method.groupby("variant", sort=True):
+            group = grp["label"].iloc[0]
             r = info.loc[(method, variant)]
             r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
             n = int(r["seeds"])
@@ -94,14 +98,14 @@ def plot_series(g: pd.DataFrame, agg: pd.DataFrame, palette: dict[str, tuple]):
             text = f"{grp['display'].iloc[0]} · n = {n}" + (f" of {full}" if n < full else "")
             text += f" ({', '.join(notes)})" if notes else ""
             text += f": no CI (n < {MIN_SEEDS_FOR_CI})" if n < MIN_SEEDS_FOR_CI else ""
-            yield grp["trial_id"].to_numpy(), palette[method], method_line_style(palette, method, j), text
+            yield grp["trial_id"].to_numpy(), palette[group], method_line_style(palette, group), text
 
 
-def _legend(ax, ci_handle, with_ci: bool) -> None:
+def _legend(ax, ci_handle, with_ci: bool, title: str = "mean over seeds") -> None:
     handles, labels = ax.get_legend_handles_labels()
     extra = [ci_handle] if with_ci else []  # name the interval only where one is drawn
     ax.legend([*handles, *extra], [*labels, *(h.get_label() for h in extra)], loc="upper left",
-              bbox_to_anchor=(1.01, 1), fontsize=8, title="mean over seeds", title_fontsize=8, frameon=False)
+              bbox_to_anchor=(1.01, 1), fontsize=8, title=title, title_fontsize=8, frameon=False)
 
 
 def figures(out: Path, runs: pd.DataFrame, tables: results.Tables, metrics: pd.DataFrame, curves: Curves,
@@ -211,23 +215,29 @@ def _differences_figure(out, pairs, curves, groups, palette, note) -> list[Path]
         if panel.empty:
             ax.set_axis_off()
             continue
-        for method, by_method in panel.groupby("method", sort=True):
-            for j, (_, grp) in enumerate(by_method.groupby(["variant", "variant_base"], sort=True)):
+        shaded = False
+        for _, by_group in panel.groupby(["method", "variant"], sort=True):
+            for j, (_, grp) in enumerate(by_group.groupby("variant_base", sort=True)):  # one per baseline variant
                 mine, theirs = curves.take(grp["trial_id"]), curves.take(grp["trial_id_base"])
                 mean, lo, hi, complete = difference_band(mine, theirs, grp["last_macs_base"], DIFF_GRID)
                 n = len(grp)
                 label = f"{grp['label'].iloc[0]} · n = {n} pairs" + (
                     f": no CI (n < {MIN_SEEDS_FOR_CI})" if n < MIN_SEEDS_FOR_CI else "")
-                colour = palette[method]
-                ax.plot(DIFF_GRID, mean, color=colour, linestyle=method_line_style(palette, method, j), label=label)
-                ax.fill_between(DIFF_GRID, lo, hi, where=complete & np.isfinite(lo), color=colour, alpha=0.15,
-                                linewidth=0)
+                group = grp["label"].iloc[0]
+                colour = palette.get(group, "grey")
+                ax.plot(DIFF_GRID, mean, color=colour, linestyle=method_line_style(palette, group, j)
+                        if group in palette else LINESTYLES[j % len(LINESTYLES)], label=label)
+                band = complete & np.isfinite(lo)
+                ax.fill_between(DIFF_GRID, lo, hi, where=band, color=colour, alpha=0.15, linewidth=0)
+                shaded = shaded or bool(band.any())
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(title=f"Paired differences vs {base_label} · {dataset} · {backbone}",
                xlabel=f"budget (% of the {base_label} trial's last-exit MACs)",
                ylabel="Δ top-1 accuracy (points)")
+        # the lines: the mean over pairs (same seed) of each trial's budgeted accuracy minus its baseline
+        # trial's; a band only where there are enough pairs, and the legend names it only when one is drawn
         _legend(ax, Patch(color="grey", alpha=0.3, label=f"shaded: {DIFF_CI_KIND} (n ≥ {MIN_SEEDS_FOR_CI} pairs)"),
-                True)
+                shaded, title=f"mean paired difference\n(minus the same seed's {base_label})")
     return save_figure(fig, out, "differences", note)
 
 
@@ -259,11 +269,26 @@ def latency_figure(out: Path, runs: pd.DataFrame, latency: pd.DataFrame | None) 
             ax.plot(exits["ms_p50"], exits["real_acc_b1"], "x", color=line.get_color())
         ax.set(title=f"Real early exit · {device}", xlabel="measured latency, batch 1 (ms per image, median)",
                ylabel="top-1 accuracy (%)")
-        ax.legend(fontsize=8, frameon=False, loc="lower right")
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: covers no point
         _accuracy_limits(ax)
     measured = data.loc[data["policy"] == "budget", "p"].nunique()  # `exitbench latency --budgets` may pick a few
     budgets = "the 39 budgets'" if measured == 39 else f"{measured} of the 39 budgets' (--budgets)"
-    return save_figure(fig, out, "latency", f"lines: {budgets} thresholds; crosses: each exit alone")
+    return save_figure(fig, out, "latency", f"lines: {budgets} thresholds; crosses: each exit alone"
+                       + _images_measured(data, runs))
+
+
+def _images_measured(data: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """'; measured on the first 200 of the 10,000 test images (--limit)' when `exitbench latency --limit` cut the
+    test split short (the latency rows' `images` against the trials' test split size); '' otherwise."""
+    if "images" not in data or "data.test_size" not in runs:
+        return ""
+    sizes = data.merge(runs[["trial_id", "data.test_size"]], on="trial_id")
+    short = sizes[sizes["images"] < sizes["data.test_size"]]
+    if short.empty:
+        return ""
+    used, total = sorted(set(short["images"].astype(int))), sorted(set(short["data.test_size"].astype(int)))
+    return (f"; measured on the first {' / '.join(f'{n:,}' for n in used)} of the "
+            f"{' / '.join(f'{n:,}' for n in total)} test images (--limit)")
 
 
 def _accuracy_limits(ax) -> None:
@@ -294,15 +319,13 @@ def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[
                 continue
             keys = [bu.loc[sel, k] for k in ("method", "label", "dagger")]
             means, cost = shares[sel].groupby(keys).mean(), bu.loc[sel, "expected_macs"].groupby(keys).mean()
-            n_methods = means.index.get_level_values("method").value_counts()
             bar = 0.8 / len(means)
-            for j, ((method, label, dagger), values) in enumerate(means.iterrows()):
-                # Variants of a method share its colour, lightened one step per variant.
-                step = sum(1 for m, *_ in means.index[:j] if m == method) / n_methods[method] * 0.55
-                colour = tuple(c + (1 - c) * step for c in palette[method])
-                ax.bar(np.arange(1, width + 1) - 0.4 + bar * (j + 0.5), values.to_numpy(), bar, color=colour,
-                       hatch=method_hatch(palette, method), edgecolor="white", linewidth=0, label=f"{label}{dagger}")
-            ax.set(title=f"budget p={p:g} · {cost.min() / scale:.3g}–{cost.max() / scale:.3g} {unit} MACs",
+            for j, ((_, label, dagger), values) in enumerate(means.iterrows()):
+                # each group (a method or one of its variants) in its own colour, as in the other figures
+                ax.bar(np.arange(1, width + 1) - 0.4 + bar * (j + 0.5), values.to_numpy(), bar,
+                       color=palette.get(label, "grey"), hatch=method_hatch(palette, label) if label in palette
+                       else None, edgecolor="white", linewidth=0, label=f"{label}{dagger}")
+            ax.set(title=f"budget p = {p:g} of 39 · {cost.min() / scale:.3g}–{cost.max() / scale:.3g} {unit} MACs",
                    xlabel="exit", ylim=(0, 1), xticks=np.arange(1, width + 1),
                    ylabel=f"{dataset} · {backbone}\nfraction of test samples" if col == 0 else "")
             ax.title.set_fontsize(9)
@@ -310,10 +333,47 @@ def _exit_fraction_figure(out, budgets, groups, columns, palette, note) -> list[
         if shown:
             shown[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False,
                              title=f"mean over seeds\n(MACs: mean expected, {_counter_text(g)})", title_fontsize=7)
-    return save_figure(fig, out, "exit_fractions", note)
+    budget = ("p: the budget of the MSDNet budgeted-batch protocol, 1 (cheapest) to 39; its exit proportions "
+              "follow (p/20)^k, so the early exits take most samples at small p")
+    return save_figure(fig, out, "exit_fractions", "\n".join(filter(None, [budget, note])))
 
 
 def _fractions(value) -> list[float]:
     if isinstance(value, str):
         return [float(v) for v in json.loads(value)]
     return [float(v) for v in value]
+
+
+def leaderboard_figure(out: Path, agg: pd.DataFrame, metric: str, settings: dict | None,
+                       palette: dict[str, tuple]) -> list[Path]:
+    """The leaderboard as dots: per dataset x backbone (one panel each, ranked best on top), each group's mean
+    `metric` over seeds with its 95 % logit-t interval as a bar (none for n < 3); a panel's title carries its
+    setting line (MACs, epochs) when the merged sweeps differ in it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if agg.empty or f"{metric}_mean" not in agg:
+        return []
+    import matplotlib.pyplot as plt
+
+    groups = list(agg.groupby(["dataset", "backbone"], sort=True))
+    heights = [0.3 * len(g) + 1.0 for _, g in groups]  # one row of the panel per group, room for the titles
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6.5, sum(heights) + 0.8 * len(groups)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, ((dataset, backbone), g) in zip(axes[:, 0], groups):
+        g = g.sort_values(f"{metric}_mean", ascending=True, na_position="first", kind="stable")
+        y = np.arange(len(g))
+        for yi, (_, r) in zip(y, g.iterrows()):
+            colour = palette.get(r["label"], "grey")  # a repeated colour (past ten groups) gets another marker
+            marker = "osD^"[_repeat(palette, r["label"]) % 4] if r["label"] in palette else "o"
+            ax.plot([r[f"{metric}_mean"]], [yi], marker, color=colour)
+            if np.isfinite(r[f"{metric}_lo"]):
+                ax.plot([r[f"{metric}_lo"], r[f"{metric}_hi"]], [yi, yi], color=colour, linewidth=2)
+        ax.set_yticks(y, [f"{r['label']} (n = {int(r['seeds'])})" for _, r in g.iterrows()], fontsize=8)
+        setting = (settings or {}).get((dataset, backbone), "").removeprefix("Setting: ").rstrip(".")
+        ax.set_title(f"{dataset} · {backbone}" + (f"\n{setting}" if setting else ""), fontsize=9)
+        ax.set_xlabel(f"{METRICS[metric]} (top-1 %): mean over seeds, bar: {CI_KIND} (n ≥ {MIN_SEEDS_FOR_CI})")
+        ax.set_ylim(-0.6, len(g) - 0.4)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out, "leaderboard", "")

@@ -238,7 +238,9 @@ def report_latex(agg: pd.DataFrame) -> str:
 
 def leaderboard_markdown(agg: pd.DataFrame, metric: str, title: str, comp: pd.DataFrame | None = None,
                          baseline: Baseline | None = None, base_groups: set | None = None,
-                         produced: str = "") -> str:
+                         produced: str = "", settings: dict | None = None) -> str:
+    """The leaderboard as markdown, one table per dataset x backbone; `settings`: a line under a panel's heading
+    ((dataset, backbone) -> text: what differs between the merged sweeps, e.g. MACs and epochs)."""
     out = [f"# Leaderboard: {title}", "",
            f"Ranked by {METRICS[metric]} ({metric}), mean ± sample std over seeds, and the {CI_KIND} of the mean "
            f"(Student t on logit accuracy, mapped back; inside [0, 100]) over n seeds, none for n < "
@@ -277,7 +279,8 @@ def leaderboard_markdown(agg: pd.DataFrame, metric: str, title: str, comp: pd.Da
         others = [METRICS[k] for k in ("last_acc", "auc", "best_acc") if k != metric]
         extra = [f"Δ vs {baseline.label}", "p t (Holm)", "p sign-flip (Holm)", f"significant (α = {ALPHA:g})"] \
             if paired else []
-        out += [f"## {dataset} · {backbone}", "",
+        out += [f"## {dataset} · {backbone}", "", *([settings[(dataset, backbone)], ""]
+                                                   if settings and (dataset, backbone) in settings else []),
                 md_table(["rank", "method", METRICS[metric], CI_KIND, "seeds", *others, *extra,
                           *(["sweeps"] if "sources" in g else [])], rows), ""]
     return "\n".join(out + footnotes(agg))

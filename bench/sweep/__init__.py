@@ -8,12 +8,15 @@ starts, Ray itself and the resources of distributed trials; `loggers` the live t
 A sweep folder `<storage_path>/<name>/` holds:
 
     sweep.yaml            the validated SweepConfig (`--resume` reads it back)
-    jobs.json             the expanded sweep: every trial's key, label and full config (search values drawn)
+    jobs.json             the expanded sweep: every trial's key, label and full config (search values drawn),
+                          and the --include plugins it started with (`--resume` imports them again)
     driver.lock           the running driver's pid, host and the Ray processes it started
     store/                the results store (bench.results): runs, exits, budgets, epochs, records
-    <key>_<label>/        the trial folder: checkpoint_NNNNNN/ (the engine's checkpoint after each epoch, the
-                          newest `keep_checkpoints`), checkpoint_resume/ (the one a resumed attempt continued
-                          from), run/ (config.yaml, metrics.jsonl, logits.pt, result.json of a finished trial)
+    <key>_<label>/        the trial folder (the label names the grid point: `method=l2w`, `lr=0.1`, ...;
+                          evaluate, budget and latency take it, see bench.runfolder): checkpoint_NNNNNN/
+                          (the engine's checkpoint after each epoch, the newest `keep_checkpoints`),
+                          checkpoint_resume/ (the one a resumed attempt continued from), run/ (config.yaml,
+                          metrics.jsonl, logits.pt, result.json of a finished trial)
     experiment_state-*.json, tuner.pkl, ...   Ray's experiment state: written by Tune, never read back
 
 Resume is built from exitbench's own state only (jobs.json, the store, the trial folders): `--resume` runs a

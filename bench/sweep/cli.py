@@ -24,9 +24,11 @@ def _print_summary(outcome: driver.Outcome) -> None:
     for tid, label, error, trial_dir in outcome.failed:
         print(f"  failed {tid} ({label}): {error}  [traceback: {trial_dir}/error.txt]")
     if outcome.unfinished or outcome.failed:
-        print(f"continue (unfinished and failed trials): exitbench sweep --resume {outcome.sweep_dir}")
+        print(f"continue (unfinished and failed trials): {driver.resume_command(outcome.sweep_dir)}")
     if outcome.failed:
-        print(f"or retry them with other settings: exitbench sweep --resume {outcome.sweep_dir} optim.lr=...")
+        lr = outcome.sweep.base.optim.lr / 2
+        print(f"or retry them with other settings, e.g. half the learning rate: "
+              f"{driver.resume_command(outcome.sweep_dir, f'optim.lr={lr:g}')}")
     print(f"results store: {outcome.sweep_dir}/store (bench.results.load; `exitbench report {outcome.sweep_dir}`)")
 
 

@@ -40,12 +40,52 @@ def preflight(sweep: SweepConfig) -> None:
                          "that ask for none); set workers.gpu=1 or device=auto")
     logger_callbacks(sweep)  # a tracker whose package is missing: one line now, not a failed sweep later
     if sweep.report is not None:
-        from bench.report.build import build_report
+        check_report(sweep)
 
-        allowed = [p for p in inspect.signature(build_report).parameters if p != "sweep_dir"]
-        unknown = sorted(set(sweep.report) - set(allowed))
-        if unknown:
-            raise UsageError(f"report.{unknown[0]}: unknown report option; valid: {', '.join(allowed)}")
+
+def check_report(sweep: SweepConfig) -> None:
+    """The sweep's `report` section, judged as the report after the last trial would judge it: known options of
+    the right types, a writable `out`, a known metric, and a baseline that names a method (or a variant, as the
+    tables name it) of the grid; the variants are computed from the sweep's trials as the report computes them
+    from the store."""
+    from bench.report.build import build_report
+    from bench.report.frame import METRICS
+
+    report = sweep.report
+    allowed = [p for p in inspect.signature(build_report).parameters if p != "sweep_dir"]
+    unknown = sorted(set(report) - set(allowed))
+    if unknown:
+        raise UsageError(f"report.{unknown[0]}: unknown report option; valid: {', '.join(allowed)}")
+    for key in ("plots", "copy_store"):
+        if key in report and not isinstance(report[key], bool):
+            raise UsageError(f"report.{key}: {report[key]!r} is not true or false")
+    for key in ("out", "baseline", "metric"):
+        if report.get(key) is not None and not isinstance(report[key], str):
+            raise UsageError(f"report.{key}: {report[key]!r} is not a text; give a {'folder' if key == 'out' else key}")
+    if report.get("speedup_acc") is not None and (isinstance(report["speedup_acc"], bool) or not isinstance(
+            report["speedup_acc"], (int, float)) or not 0 < report["speedup_acc"] <= 100):
+        raise UsageError(f"report.speedup_acc: {report['speedup_acc']!r} is not a top-1 accuracy in (0, 100]")
+    if report.get("metric", "auc") not in METRICS:
+        raise UsageError(f"report.metric: unknown metric {report['metric']!r}; valid: {', '.join(METRICS)}")
+    if report.get("out") is not None:
+        from bench.errors import check_output_dir
+
+        check_output_dir(report["out"], f"report.out={report['out']}")
+    if report.get("baseline") is not None:
+        import pandas as pd
+
+        from bench import results
+        from bench.report.frame import annotate, resolve_baseline
+        from bench.sweep.grid import expand
+
+        rows = [{"trial_id": job["key"], "status": "finished", "seed": job["trial"]["seed"],
+                 **{f"config.{k}": v for k, v in results.flatten(job["trial"]).items()}}
+                for job in expand(sweep, "check")]
+        runs = annotate(results.Tables(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())).runs
+        try:
+            resolve_baseline(runs, report["baseline"])
+        except UsageError as err:
+            raise UsageError(f"report.baseline: {str(err).removeprefix('--baseline ')}") from None
 
 
 def check_data(trials: list[dict[str, Any]]) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from ray import tune
 from bench import results
 from bench.config import SweepConfig, set_path, validate_sweep
 from bench.errors import UsageError, check_output_dir, describe
+from bench.runfolder import SWEEP_JOBS
 from bench.sweep import cluster
 from bench.sweep.grid import NAME, expand, trial_dirname
 from bench.sweep.lock import DriverLock
@@ -27,7 +30,7 @@ from bench.sweep.store import Store, StoreCallback
 from bench.trial.files import CHECKPOINT_DIR, RESUME_DIR, filesystem, is_uri, read_text, write_text
 
 SWEEP_FILE = "sweep.yaml"
-JOBS_FILE = "jobs.json"  # the expanded sweep: every trial's key, label and full config
+JOBS_FILE = SWEEP_JOBS  # the expanded sweep: every trial's key, label and full config, and the sweep's plugins
 
 
 def _trial_name(trial) -> str:
@@ -50,6 +53,11 @@ def _tuner(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], quiet
     sweep gets a new Tuner over its unfinished jobs: Tune's own experiment state is never read back."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+    # With CheckpointConfig(num_to_keep), Tune snapshots its experiment state whenever a trial has reported that
+    # many checkpoints since the last snapshot, and warns (3 lines, each time) when that happens within 5 s of the
+    # last one: every epoch of short trials. exitbench never reads that state back (resume uses jobs.json), so
+    # the snapshots' cost is no concern here; 0 is Tune's own switch for the warning (a value set by the user wins).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     search = sweep.search
     if search.scheduler == "asha":  # rungs on the engine's epoch: a resumed trial reports from its epoch on
         scheduler = AsyncHyperBandScheduler(time_attr="epoch", metric=search.metric, mode=search.mode,
@@ -126,10 +134,46 @@ def _read_jobs(sweep_dir: str) -> dict[str, Any] | None:
         state = json.loads(text)
         state["jobs"] = [dict(job, key=str(job["key"]), label=str(job["label"]), trial=dict(job["trial"]))
                          for job in state["jobs"]]
+        state["includes"] = [str(p) for p in state.get("includes") or []]  # none in sweeps before issue 29
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{sweep_dir}/{JOBS_FILE} is not a job list written by exitbench ({err}); the sweep "
                          f"cannot be continued, start it again under another name") from None
     return state
+
+
+def resume_command(sweep_dir: str, *args: str) -> str:
+    """`exitbench [--include P ...] sweep --resume WHERE [ARGS]` that continues the sweep in `sweep_dir`, as it
+    works when typed in this folder: the sweep's name where the default storage_path (runs) finds it, else its
+    folder (relative to here when below it); this command's plugins (`--include`) come along."""
+    from bench.registry import included
+
+    where = sweep_dir
+    if not is_uri(sweep_dir):
+        name, path, here = Path(sweep_dir).name, Path(sweep_dir), Path.cwd()
+        if sweep_location("runs", name) == str(path.resolve()):
+            where = name
+        elif path.resolve().is_relative_to(here.resolve()):
+            where = str(path.resolve().relative_to(here.resolve()))
+            where = where if "/" in where else f"./{where}"  # a bare name would be looked up under runs/
+    plugins = "".join(f" --include {shlex.quote(p)}" for p in included())
+    return f"exitbench{plugins} sweep --resume {shlex.quote(where)}" + "".join(f" {a}" for a in args)
+
+
+def _include_recorded(state: dict[str, Any], sweep_dir: str) -> None:
+    """Import the plugins (`--include`) the sweep was started with, as jobs.json records them, unless this
+    command included them already: its configs may name their components."""
+    from bench.registry import include, included
+
+    missing = [p for p in state.get("includes") or [] if p not in included()]
+    gone = [p for p in missing if not Path(p).exists()]
+    if gone and not included():
+        raise UsageError(f"--resume: the sweep in {sweep_dir} was started with --include {gone[0]}, which does not "
+                         f"exist any more; put it back, or name where it is now with --include before `sweep`")
+    missing = [p for p in missing if p not in gone]  # moved: this command's --include stands in for them
+    if missing:
+        print(f"exitbench: including the sweep's plugins (from its {JOBS_FILE}): {', '.join(missing)}",
+              file=sys.stderr)
+        include(missing)
 
 
 def run_sweep(sweep: SweepConfig, *, address: str | None = None, quiet: bool = False) -> Outcome:
@@ -139,8 +183,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, quiet: bool = F
     _check_storage(sweep.storage_path)
     sweep_dir = sweep_location(sweep.storage_path, sweep.name)
     if any(read_text(f"{sweep_dir}/{f}") is not None for f in (SWEEP_FILE, JOBS_FILE, "tuner.pkl")):
-        raise UsageError(f"sweep {sweep.name!r} already exists in {sweep_dir}; continue it with `exitbench sweep "
-                         f"--resume {sweep.name}` or choose another --name")
+        raise UsageError(f"sweep {sweep.name!r} already exists in {sweep_dir}; continue it with "
+                         f"`{resume_command(sweep_dir)}` or choose another --name")
     sweep = sweep.model_copy(update={"storage_path": sweep_dir.rsplit("/", 1)[0]})
     cluster.preflight(sweep)
     jobs = expand(sweep, uuid.uuid4().hex[:5])
@@ -181,6 +225,7 @@ def resume_sweep(name_or_dir: str, storage_path: str = "runs", *, address: str |
     if state is None:
         raise UsageError(f"--resume: {sweep_dir} has no {JOBS_FILE} (written when a sweep starts; sweeps of older "
                          f"exitbench versions cannot be continued); start it again under another name")
+    _include_recorded(state, sweep_dir)
     if "sweep" in state:
         sweep = validate_sweep(state["sweep"])
     else:
@@ -258,7 +303,10 @@ def _fit(sweep: SweepConfig, sweep_dir: str, jobs: list[dict[str, Any]], address
             cluster.check_fits(sweep, cluster.ray_nodes(), "the Ray cluster")
         if new:  # jobs.json first: it alone is enough to resume (it holds the sweep too)
             lock = _acquire(sweep_dir)
-            write_text(f"{sweep_dir}/{JOBS_FILE}", json.dumps({"sweep": sweep.model_dump(), "jobs": jobs}, indent=1))
+            from bench.registry import included
+
+            state = {"sweep": sweep.model_dump(), "includes": included(), "jobs": jobs}  # see _include_recorded
+            write_text(f"{sweep_dir}/{JOBS_FILE}", json.dumps(state, indent=1))
             write_text(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(sweep.model_dump(), sort_keys=False))
         if todo:
             if started_ray and lock and not (address or os.environ.get("RAY_ADDRESS")):

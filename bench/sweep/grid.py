@@ -20,10 +20,21 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else json.dumps(value, separators=(",", ":")).strip('"')
 
 
+def _component_label(axis: str, value: dict[str, Any], values: list[Any]) -> str:
+    """A component given whole on a grid axis, named in a label: `method=l2w`; when other values of the axis
+    share its name, by the options that tell them apart (`exit_weights=[0.5,1]`; the one that sets none of them
+    keeps `method=uniform`)."""
+    same = [v for v in values if isinstance(v, dict) and v.get("name") == value.get("name")]
+    keys = [k for k in dict.fromkeys(k for v in same for k in v if k != "name")
+            if len({json.dumps(v.get(k), sort_keys=True) for v in same}) > 1]
+    given = [f"{k}={_short(value[k])}" for k in keys if k in value]
+    return ",".join(given) if len(same) > 1 and given else f"{axis}={value.get('name')}"
+
+
 def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     """Every grid point x seed as a validated, fully defaulted trial dict with a label that names the point:
-    method-dataset-backbone, then each varied axis (`lr=0.1`; a section given whole is named by its position
-    on the axis, `method=2`), then the seed."""
+    method-dataset-backbone, then each varied axis (`lr=0.1`; a section given whole by its name, `method=l2w`,
+    or by the options that tell it from others of its name, `exit_weights=[0.5,1]`), then the seed."""
     combos = [dict(zip(sweep.grid, values)) for values in itertools.product(*sweep.grid.values())]
     points = []
     for index, cfg in enumerate(sweep.trials()):
@@ -34,8 +45,8 @@ def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
         # `exitbench train` of a trial's config.yaml gives its numbers again.
         cpus = raw["workers"]["cpu"] if raw["workers"]["count"] > 1 else sweep.resources.cpu  # per process
         raw["threads"] = raw["threads"] or max(1, int(cpus))
-        varied = [f"{path.rsplit('.', 1)[-1]}="
-                  + (str(sweep.grid[path].index(value)) if isinstance(value, dict) else _short(value))
+        varied = [_component_label(path.rsplit('.', 1)[-1], value, sweep.grid[path]) if isinstance(value, dict)
+                  else f"{path.rsplit('.', 1)[-1]}={_short(value)}"
                   for path, value in combo.items() if len(sweep.grid[path]) > 1]
         label = "-".join([raw["method"]["name"], raw["data"]["name"], raw["backbone"]["name"], *varied,
                           f"s{raw['seed']}"])

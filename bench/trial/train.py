@@ -23,6 +23,7 @@ import torch
 from bench import backbones, datasets
 from bench.config import OptimConfig, ScheduleConfig, TrialConfig, resolve_device, to_yaml
 from bench.errors import UsageError
+from bench.evaluate.batches import exit_accuracy
 from bench.evaluate.protocol import evaluate_model
 from bench.results import ResultRecord, atomic_write_text
 from bench.runfolder import CHECKPOINT, CONFIG, LOGITS, METRICS, RESULT
@@ -117,30 +118,6 @@ def load_model_state(model: torch.nn.Module, state: Any, path: Path) -> None:
         raise UsageError(f"checkpoint {str(path)!r} does not fit the configured backbone: it has {extra[0]!r}, "
                          f"which the model does not")
     model.load_state_dict(state)
-
-
-@torch.no_grad()
-def exit_accuracy(model: torch.nn.Module, loader, device: torch.device, readout=None) -> list[float]:
-    """Top-1 accuracy (%) of what every exit reports (through `readout`, when given) on a loader (eval
-    mode; restores the previous modes)."""
-    from bench.readout import readout_outputs
-
-    modules = [m for m in (model, readout) if m is not None]
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    correct, total = None, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        outputs = model(x)
-        if readout is not None:
-            outputs = readout_outputs(readout, outputs)
-        hits = torch.stack([(z.argmax(1) == y).sum() for z in outputs])
-        correct = hits if correct is None else correct + hits
-        total += y.numel()
-    for m, mode in zip(modules, was_training):
-        m.train(mode)
-    return [100.0 * float(c) / max(total, 1) for c in correct]
 
 
 EpochCallback = Callable[[dict[str, Any], Path], None]
@@ -294,7 +271,7 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
         epoch_time = time.time() - t0
         train_time += epoch_time
         train_images += seen
-        val_acc = group.first(exit_accuracy, model, bundle.val, device, readout)
+        val_acc = group.first(exit_accuracy, model, bundle.val, device, readout, progress=cfg.progress)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": regime.phase(epoch),
@@ -321,7 +298,8 @@ def run(cfg: TrialConfig, run_dir: str | Path | None = None, *, on_epoch: EpochC
             on_epoch(row, run_dir)
 
     report = group.first(evaluate_model, model, readout, bundle.calib, bundle.test, device, macs,
-                         readout_macs=readout_cost, confidence=cfg.eval.confidence, logits_path=run_dir / LOGITS)
+                         readout_macs=readout_cost, confidence=cfg.eval.confidence, logits_path=run_dir / LOGITS,
+                         progress=cfg.progress)
     exits = [{**row, "params": cost.exits[row["exit"] - 1].params} for row in report["anytime"]]
     record = ResultRecord(
         trial_id=trial_id or run_dir.name, sweep=sweep, status="finished", config=cfg.model_dump(mode="json"),
