@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 
 from bench.errors import UsageError
+from bench.evaluate.batches import single_threaded
 from bench.evaluate.curves import acc_at, area_under, budget_curve, macs_to_reach, one_curve
 from bench.evaluate.logits import collect_exits, save_logits, validate_logits
 
@@ -37,19 +37,8 @@ CONFIDENCES = ("max_softmax", "entropy", "margin")
 NUM_BUDGETS = 39
 _ROWS = 512  # rows per chunk: small enough to stay in cache across its passes, big enough to amortise calls
 _MIN_WORK_PER_THREAD = 1 << 20  # logits per worker thread below which threads cost more than they save
-
-
-@contextmanager
-def _one_thread():
-    """Run torch ops single-threaded inside. The protocol's ops are many and mid-sized; on a busy machine
-    a 2-thread team per op waits milliseconds for its second thread, which costs more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield before
-    finally:
-        torch.set_num_threads(before)
-
+# The protocol's torch ops run single-threaded (batches.single_threaded): they are many and mid-sized, and on a
+# busy machine a 2-thread team per op waits milliseconds for its second thread, which costs more than it saves.
 
 
 # ----------------------------------------------------------------------------------- per-exit scores
@@ -133,7 +122,7 @@ def exit_scores(logits: torch.Tensor, labels: torch.Tensor, confidence: str = "m
     top = conf if confidence == "max_softmax" else torch.empty(K, N)
     parts = (conf, top, torch.empty(K, N), torch.empty(K, N),
              *((torch.empty(K, N), torch.empty(K, N)) if top5 else (None, None)))
-    with _one_thread() as threads:
+    with single_threaded() as threads:
         workers = max(1, min(threads, K * N * C // _MIN_WORK_PER_THREAD))
         spans = [(k, N * i // workers, N * (i + 1) // workers) for k in range(K) for i in range(workers)]
         if workers == 1:
@@ -279,7 +268,7 @@ def budgeted(val_logits, val_labels, test_logits, test_labels, macs, confidence:
     val_conf, test_conf = val_scores.conf, test_scores.conf
     macs = torch.as_tensor(macs, dtype=torch.float64)
     K, n_val = val_conf.shape
-    with _one_thread():
+    with single_threaded():
         thresholds = calibrate_thresholds(val_conf, exit_quotas(n_val, budget_proportions(K)))
         val = tally_exits(val_conf, val_scores.top1, thresholds, macs)
         test = tally_exits(test_conf, test_scores.top1, thresholds, macs)
@@ -313,7 +302,7 @@ def threshold_sweep(logits, labels, macs, thresholds: Sequence[float] | None = N
     macs = torch.as_tensor(macs, dtype=torch.float64)
     # Compare in float32, as the confidences are (ZTW's thresholds are a float32 linspace).
     grid = torch.tensor([float(t) for t in thresholds], dtype=torch.float32)[:, None].expand(-1, K)
-    with _one_thread():
+    with single_threaded():
         results = tally_exits(conf, top1, grid, macs, strict=True)
     return [{"threshold": float(t), "acc": acc, "expected_macs": expected, "exit_fractions": fractions}
             for t, (acc, fractions, expected) in zip(thresholds, results)]
@@ -400,7 +389,7 @@ def evaluate_logits(data: dict, confidence: str = "max_softmax", *, at_macs: Seq
     """{"anytime": [...], "budgets": [...], "summary": {...}}: exactly what `exitbench budget --json` prints."""
     if confidence not in CONFIDENCES:
         raise UsageError(f"confidence {confidence!r} is unknown; choose one of {', '.join(CONFIDENCES)}")
-    with _one_thread():
+    with single_threaded():
         data = validate_logits(data)
     val_scores = exit_scores(data["val_logits"], data["val_labels"], confidence)
     test_scores = exit_scores(data["test_logits"], data["test_labels"], confidence, top5=True)
