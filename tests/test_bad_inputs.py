@@ -106,7 +106,7 @@ def world(tmp_path_factory):
 
     hub = root / "torch-home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    from bench.backbones.sdn import local_weights_path
+    from bench.backbones.checkpoint import local_weights_path
 
     os.environ["TORCH_HOME"] = str(root / "torch-home")
     try:

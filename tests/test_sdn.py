@@ -8,7 +8,8 @@ import torch
 import torchvision
 
 from bench.backbones import build
-from bench.backbones.sdn import CifarResNet, local_weights_path
+from bench.backbones.checkpoint import local_weights_path
+from bench.backbones.sdn import CifarResNet
 from bench.errors import ConfigError
 from bench.registry import BACKBONES, load_all
 

@@ -15,7 +15,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from bench.backbones import build
 from bench.backbones import vit as vit_module
-from bench.backbones.checkpoint import init_from
+from bench.backbones.checkpoint import init_from, local_weights_path
 from bench.config import validate_trial
 from bench.errors import ConfigError, UsageError
 from bench.flops import per_exit_cost
@@ -375,7 +375,7 @@ def test_pretrained_loads_only_from_the_local_cache(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="pretrained.*no local weights"):
         _model(section, image_size=16)
     _, state = _torchvision_state(5, image_size=16, num_classes=1000)
-    path = vit_module.local_weights_path("vit_b_16")
+    path = local_weights_path("vit_b_16")
     assert path.startswith(str(tmp_path)) and os.path.basename(path).startswith("vit_b_16")
     os.makedirs(os.path.dirname(path))
     torch.save(state, path)

@@ -261,3 +261,37 @@ def init_from(path: str | Path, model: nn.Module, strategy: Any = None, *, stric
     print(f"init: {weights.kind} weights from {path}{' with the WPN' if loaded_wpn else ''}{extra}"
           + (f"; note: {weights.note}" if weights.note else ""), flush=True)
     return weights
+
+
+def local_weights_path(arch: str) -> str:
+    """Where torch hub caches `arch`'s default torchvision weights (the only place `pretrained` reads)."""
+    import os
+
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def read_local_weights(arch: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(path, state dict) of `arch`'s torchvision weights from the local hub cache, never downloaded; a missing,
+    unreadable or foreign file is one line naming the path and the way out (`pretrained: true` of sdn and vit)."""
+    import os
+
+    from bench.errors import ConfigError
+
+    path = local_weights_path(arch)
+    if not os.path.exists(path):
+        raise ConfigError(f"backbone.pretrained: no local weights for {arch} at {path} (nothing is downloaded); "
+                          f"put the file there or set pretrained=false")
+    try:
+        state = torch_load(path)  # weights only: no code runs
+    except Exception as err:  # a foreign, truncated or malicious file in the hub cache
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"backbone.pretrained: {path} is not {arch}'s torchvision weights ({type(err).__name__}"
+                          f"{': ' + lines[0][:200] if lines else ''}); remove it and put the weights file "
+                          f"there, or set pretrained=false") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"backbone.pretrained: {path} holds a {type(state).__name__}, not a state dict of "
+                          f"tensors; remove it and put {arch}'s torchvision weights there, or set pretrained=false")
+    return path, state

@@ -21,7 +21,6 @@ the first conv (replaced to take the data's channels).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Literal
 
@@ -29,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bench.backbones.checkpoint import torch_load
+from bench.backbones.checkpoint import read_local_weights
 from bench.backbones.contract import MultiExitNet, leaves, sequential_head_embedded
 from bench.errors import ConfigError
 from bench.registry import BACKBONES, Params
@@ -180,14 +179,6 @@ def make_head(kind: str, shape: torch.Size, num_classes: int, pool_size: int) ->
 
 
 # model -------------------------------------------------------
-def local_weights_path(arch: str) -> str:
-    """Where torch hub caches `arch`'s default torchvision weights (the only place `pretrained` reads)."""
-    import torchvision
-
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-
-
 def build_classifier(arch: str, num_classes: int, in_channels: int, pretrained: bool) -> nn.Module:
     if arch in CIFAR_RESNETS:
         if pretrained:
@@ -200,20 +191,7 @@ def build_classifier(arch: str, num_classes: int, in_channels: int, pretrained: 
         raise ConfigError(f"backbone.arch: unknown {arch!r}; valid: {', '.join([*CIFAR_RESNETS, *available])}")
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if pretrained:
-        path = local_weights_path(arch)
-        if not os.path.exists(path):
-            raise ConfigError(f"backbone.pretrained: no local weights for {arch} at {path} (nothing is downloaded); "
-                              f"put the file there or set pretrained=false")
-        try:
-            state = torch_load(path)  # weights only: no code runs
-        except Exception as err:  # a foreign, truncated or malicious file in the hub cache
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            raise ConfigError(f"backbone.pretrained: {path} is not {arch}'s torchvision weights ({type(err).__name__}"
-                              f"{': ' + lines[0][:200] if lines else ''}); remove it and put the weights file "
-                              f"there, or set pretrained=false") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ConfigError(f"backbone.pretrained: {path} holds a {type(state).__name__}, not a state dict of "
-                              f"tensors; remove it and put {arch}'s torchvision weights there, or set pretrained=false")
+        path, state = read_local_weights(arch)
         own = model.state_dict()
         fresh = {k for k, v in state.items() if k in own and v.shape != own[k].shape}  # the resized classifier
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)

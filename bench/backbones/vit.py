@@ -41,7 +41,6 @@ torchvision ViT state dict from any file (bench/backbones/checkpoint.py renames 
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Literal
@@ -50,7 +49,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from bench.backbones.checkpoint import torch_load
+from bench.backbones.checkpoint import read_local_weights
 from bench.backbones.contract import MultiExitNet, sequential_head_embedded
 from bench.errors import ConfigError, UsageError
 from bench.registry import BACKBONES, Params
@@ -294,32 +293,13 @@ BACKBONES.add_preset("vit-l-16", "vit", doc="ViT-L/16 (224x224), exits after eve
 
 
 # pretrained weights ------------------------------------------
-def local_weights_path(arch: str) -> str:
-    """Where torch hub caches `arch`'s default torchvision weights (the only place `pretrained` reads)."""
-    import torchvision
-
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-
-
 def load_pretrained(model: nn.Module, arch: str, image_size: int, patch_size: int) -> None:
     """torchvision's weights for `arch` from the hub cache into torchvision's `model` (before it is split)."""
     if arch == "custom":
         raise ConfigError("backbone.pretrained: arch=custom has no pretrained weights; name a torchvision arch "
                           f"({', '.join(TORCHVISION)}) or set pretrained=false")
-    path = local_weights_path(arch)
-    if not os.path.exists(path):
-        raise ConfigError(f"backbone.pretrained: no local weights for {arch} at {path} (nothing is downloaded); put "
-                          f"the file there or set pretrained=false")
-    try:
-        state = torch_load(path)  # weights only: no code runs
-    except Exception as err:  # a foreign, truncated or malicious file in the hub cache
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        raise ConfigError(f"backbone.pretrained: {path} is not {arch}'s torchvision weights ({type(err).__name__}"
-                          f"{': ' + lines[0][:200] if lines else ''}); remove it and put the weights file there, "
-                          f"or set pretrained=false") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()) \
-            or "encoder.pos_embedding" not in state:
+    path, state = read_local_weights(arch)
+    if "encoder.pos_embedding" not in state:
         raise ConfigError(f"backbone.pretrained: {path} does not hold a torchvision ViT state dict; remove it and "
                           f"put {arch}'s torchvision weights there, or set pretrained=false")
     state = dict(state)
